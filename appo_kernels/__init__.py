@@ -1,7 +1,17 @@
 """appo_kernels: trainer-agnostic GPU ops for agentic RL with branched rollouts (see SPEC §2)."""
 
 from appo_kernels._backend import backend_info
+from appo_kernels.losses import kl_penalty, policy_loss
+from appo_kernels.sequence import (BranchScores, VocabFlags, branching_score,
+                                   discounted_suffix_sum, future_kl_scale, future_value,
+                                   group_advantages, pack, procedure_advantages,
+                                   select_branch_points, unpack, vocab_flags)
 from appo_kernels.token_stats import TokenStats, token_stats
 
-__all__ = ["TokenStats", "backend_info", "token_stats"]
+__all__ = [
+    "BranchScores", "TokenStats", "VocabFlags", "backend_info", "branching_score",
+    "discounted_suffix_sum", "future_kl_scale", "future_value", "group_advantages", "kl_penalty",
+    "pack", "policy_loss", "procedure_advantages", "select_branch_points", "token_stats",
+    "unpack", "vocab_flags",
+]
 __version__ = "0.1.0"

@@ -33,8 +33,10 @@ def _result_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _check_float(name: str, value, *, low: float = -math.inf, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite Python float, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if value < low or (low_open and value == low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     return float(value)
@@ -99,9 +101,9 @@ def policy_loss(
     With `seq_filter`, a sequence with more than one dual-clipped counted token is dropped:
     it is aggregated exactly as if its mask were all False.
 
-    Aggregation (`agg`, verl's `loss_agg_mode`; m = mask after the filter, S = number of
-    sequences in the call, all of them, also empty or fully masked ones, as verl ≥ 0.6 and TRL
-    count them; earlier verl left fully masked sequences out of S):
+    Aggregation (`agg`, verl's `loss_agg_mode`; m = mask after the filter, S = the number of
+    sequences in the call, all of them, also empty or fully masked ones, as TRL and current verl
+    (local batch size) count them; some earlier verl releases left fully masked sequences out):
         token-mean               Σ m·L / max(Σ m, 1)
         seq-mean-token-mean      (1/S) Σ_s Σ_t m·L / max(Σ_t m, 1)
         seq-mean-token-sum       (1/S) Σ_s Σ_t m·L
@@ -157,7 +159,7 @@ def policy_loss(
 
     counted = mask
     dropped_seqs = torch.zeros((), dtype=dtype, device=logprob.device)
-    if cu_seqlens is not None:
+    if cu_seqlens is not None:  # always given with seq_filter and the seq-mean modes (checked)
         seq_of_token = token_segments(cu_seqlens, logprob.shape[0])
         per_seq = torch.zeros(n_seqs, dtype=dtype, device=logprob.device)
     if seq_filter:
@@ -199,10 +201,10 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str = "k3") -> Tensor
     k2, k3), float32 with the shape of the inputs (float64 for float64 inputs).
 
     With d = logprob − ref_logprob:
-        "k1" ("kl")                 d
-        "k2" ("mse")                ½·d²
-        "k3" ("low_var_kl")         exp(−d) + d − 1, with −d clamped to ±20 before exp and the
-                                    result clamped to ±10, as verl does (unbiased, always ≥ 0)
+        "k1" ("kl")             d
+        "k2" ("mse")            ½·d²
+        "k3" ("low_var_kl")     exp(−d) + d − 1, with −d clamped to ±20 before exp and the
+                                result clamped to ±10, as verl does (unbiased, always ≥ 0)
     Differentiable with respect to both inputs.
     """
     tensor_arg("logprob", logprob, dtypes=FLOAT_DTYPES)

@@ -30,6 +30,7 @@ COPY_REPS_CUDA = 30
 COPY_REPS_CPU = 8
 # Calls before the timed rounds: the first compiles (Triton, torch.compile), the others size the run.
 WARMUP_CALLS = 3
+MAX_ROUNDS = 1000  # microsecond-scale benches would otherwise run thousands of rounds
 # Fraction of the free device memory a bench may plan to use; the rest absorbs fragmentation.
 MEMORY_HEADROOM = 0.9
 
@@ -179,7 +180,7 @@ def measure(benchmark, bench_device, copy_bandwidth, request):
             max_time = float(request.config.getoption("benchmark_max_time", 1.0))
             min_rounds = int(request.config.getoption("benchmark_min_rounds", 5))
             rounds = max(min_rounds, math.ceil(max_time / max(estimate_s, 1e-6)))
-            rounds = min(rounds, 1000)
+            rounds = min(rounds, MAX_ROUNDS)
             benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
 
         median_ms = statistics.median(device_ms)

@@ -162,7 +162,7 @@ BYTE_LEVEL_VOCAB = [
     ("...Ċ", False, True), ("Ġ'", False, True), ("<|im_end|>", False, False),
     ("ĠâĢľ", False, True),  # ' “': U+201C, a Unicode punctuation character (Pi)
     ("ĠÂ¿", False, True),  # ' ¿': bytes 20 C2 BF (Po)
-    ("Â¿", False, False),  # half of it: the continuation byte BF alone is undecodable
+    ("¿", False, False),  # its last byte alone (BF, a continuation byte): undecodable
     ("ð", False, False),  # a lone UTF-8 lead byte: undecodable, neither
     ("Ġ1", False, False), ("中文", False, False),  # an added token stored as plain text
 ]

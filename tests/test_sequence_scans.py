@@ -9,28 +9,24 @@ import torch
 from appo_kernels import _backend
 from appo_kernels.sequence import (branching_score, discounted_suffix_sum, future_kl_scale,
                                    future_value, pack, unpack)
+from packed import cu_seqlens_of, spans
 
 GAMMAS = [0.0, 1.0, 2 ** (-1 / 64), 0.5]
 
 
 def random_packing(lengths=None):
-    """Sequences of random lengths, including empty and length-1 ones; returns cu_seqlens int32."""
+    """A shuffled mix of lengths around the kernel's 1024-token chunks, with empty and length-1
+    sequences, unless `lengths` is given; returns cu_seqlens int32."""
     if lengths is None:
         lengths = [0, 1, 7, 300, 1, 0, 64, 1500, 2, 0]
         lengths = [lengths[i] for i in torch.randperm(len(lengths)).tolist()]
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
-    return cu
-
-
-def sequences(cu):
-    return [(int(cu[s]), int(cu[s + 1])) for s in range(len(cu) - 1)]
+    return cu_seqlens_of(lengths)
 
 
 def brute_suffix(values, cu, gamma):
     """The obvious loop: walk every sequence backwards, y = v + gamma·y."""
     y = torch.zeros(len(values), dtype=torch.float64)
-    for start, end in sequences(cu):
+    for start, end in spans(cu):
         acc = 0.0
         for t in range(end - 1, start - 1, -1):
             acc = float(values[t]) + gamma * acc
@@ -41,7 +37,7 @@ def brute_suffix(values, cu, gamma):
 def matrix_suffix(values, cu, gamma):
     """The reference code's formulation: an L×L decay matrix per sequence."""
     y = torch.zeros(len(values), dtype=torch.float64)
-    for start, end in sequences(cu):
+    for start, end in spans(cu):
         length = end - start
         if length == 0:
             continue
@@ -110,7 +106,7 @@ def test_suffix_sum_gradient(backend):
     x64 = x.detach().double().requires_grad_()
     values = torch.where(mask, x64, 0.0)
     out = torch.zeros_like(values)
-    for start, end in sequences(cu):  # differentiable brute force
+    for start, end in spans(cu):  # differentiable brute force
         for t in range(start, end):
             k = torch.arange(t, end)
             out = out.index_put((torch.tensor([t]),), (0.8 ** (k - t) * values[k]).sum()[None])
@@ -157,7 +153,7 @@ def brute_future_kl(adv, logprob, old, mask, cu, gamma, weight, clip, high_only,
     """SPEC §2.3 future_kl_scale, one token at a time."""
     out = torch.zeros(len(adv), dtype=torch.float64)
     d = (logprob.double() - old.double()).clamp(-20, 20)
-    for start, end in sequences(cu):
+    for start, end in spans(cu):
         for t in range(start, end):
             total = 0.0
             for k in range(t, end):
@@ -210,11 +206,11 @@ def test_branching_score(backend):
     entropy = torch.rand(n) * 4
     omega = 0.8 + 0.4 * torch.rand(n)
     mask = torch.rand(n) > 0.3
-    start, end = sequences(cu)[int(torch.argmax((cu[1:] - cu[:-1]).float()))]
+    start, end = spans(cu)[int(torch.argmax((cu[1:] - cu[:-1]).float()))]
     mask[start:start + 3] = False
     with _backend.poisoned_outputs():
         scores = branching_score(entropy, omega, cu, mask)
-    for start, end in sequences(cu):
+    for start, end in spans(cu):
         z_e, z_o = brute_zscore(entropy, mask, start, end), brute_zscore(omega, mask, start, end)
         for i, t in enumerate(range(start, end)):
             want = z_e[i] * z_o[i] if mask[t] else 0.0

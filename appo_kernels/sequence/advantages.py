@@ -31,7 +31,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = GROUP_E
         rewards: float `[S]`, one scalar reward per sequence.
         group_ids: int32/int64 `[S]`, any integers (not necessarily contiguous or sorted);
             sequences with equal ids form a group.
-        eps: added to the std, >= 0.
+        eps: added to the std, > 0 (a uniform group has std 0 and gets 0).
         normalize_std: divide by `std + eps` (GRPO); False gives `R − mean` (Dr. GRPO).
 
     The std is the population std (divide by the group size), unlike verl's `torch.std`; a
@@ -40,8 +40,8 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = GROUP_E
     tensor_arg("rewards", rewards, dtypes=FLOAT_DTYPES, ndim=1)
     tensor_arg("group_ids", group_ids, dtypes=INDEX_DTYPES, shape=rewards.shape, like=rewards)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-            math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+            math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.to(dtype)
     group = dense_group_ids(group_ids)
@@ -122,11 +122,14 @@ def procedure_advantages(seq_adv: Tensor, cu_seqlens: Tensor, branch_parent: Ten
                                n_tokens, validate)
     device = seq_adv.device
     packed_index = cu_seqlens.long()[branch_parent.long()] + branch_position.long()
-    slots = torch.zeros(n_tokens, dtype=torch.float32, device=device)
-    branch_sum = slots.index_add(0, packed_index, branch_adv.detach().float())
-    branch_count = slots.index_add(0, packed_index, torch.ones_like(branch_adv, dtype=torch.float32))
-    # sums over the branches at positions >= t of t's own sequence
-    later_sum = discounted_suffix_sum(branch_sum, cu_seqlens, 1.0, validate=validate)
-    later_count = discounted_suffix_sum(branch_count, cu_seqlens, 1.0, validate=validate)
+    # branch sums in slots [0, N), branch counts in [N, 2N): one scan over 2S sequences
+    slots = torch.zeros(2 * n_tokens, dtype=torch.float32, device=device)
+    slots.index_add_(0, packed_index, branch_adv.detach().float())
+    slots.index_add_(0, packed_index + n_tokens,
+                     torch.ones(packed_index.shape, dtype=torch.float32, device=device))
+    both = torch.cat([cu_seqlens, cu_seqlens[1:] + n_tokens])
+    # totals over the branches at positions >= t of t's own sequence
+    later = discounted_suffix_sum(slots, both, 1.0, validate=validate)
+    later_sum, later_count = later[:n_tokens], later[n_tokens:]
     branch_mean = torch.where(later_count > 0, later_sum / later_count.clamp_min(1), 0.0)
     return seq_adv.detach().float()[token_segments(cu_seqlens, n_tokens)] + branch_mean

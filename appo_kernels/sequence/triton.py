@@ -89,27 +89,28 @@ assert (SUM, FUTURE_VALUE, FUTURE_KL) == (0, 1, 2)  # the kernel branches on the
 
 
 @triton.jit
+def _load_tokens(x_ptr, mask_ptr, tok, end, HAS_MASK: tl.constexpr):
+    """x at tokens `tok` (float32, 0 outside [.., end) and where the mask is off), and the mask."""
+    keep = tok < end
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_ptr + tok, mask=tok < end, other=0) != 0)
+    return tl.load(x_ptr + tok, mask=keep, other=0.0).to(tl.float32), keep
+
+
+@triton.jit
 def _masked_moments(x_ptr, mask_ptr, start, end, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     """Population mean and std of x over the masked tokens of [start, end) (two passes)."""
     lanes = tl.arange(0, BLOCK)
     count = tl.zeros([], tl.float32)
     total = tl.zeros([], tl.float32)
     for first in range(start, end, BLOCK):
-        tok = first + lanes
-        keep = tok < end
-        if HAS_MASK:
-            keep = keep & (tl.load(mask_ptr + tok, mask=tok < end, other=0) != 0)
-        x = tl.load(x_ptr + tok, mask=keep, other=0.0).to(tl.float32)
+        x, keep = _load_tokens(x_ptr, mask_ptr, first + lanes, end, HAS_MASK)
         count += tl.sum(keep.to(tl.float32), 0)
         total += tl.sum(x, 0)
     mean = total / tl.maximum(count, 1.0)
     sq = tl.zeros([], tl.float32)
     for first in range(start, end, BLOCK):
-        tok = first + lanes
-        keep = tok < end
-        if HAS_MASK:
-            keep = keep & (tl.load(mask_ptr + tok, mask=tok < end, other=0) != 0)
-        x = tl.load(x_ptr + tok, mask=keep, other=0.0).to(tl.float32)
+        x, keep = _load_tokens(x_ptr, mask_ptr, first + lanes, end, HAS_MASK)
         centred = tl.where(keep, x - mean, 0.0)
         sq += tl.sum(centred * centred, 0)
     return mean, tl.sqrt(sq / tl.maximum(count, 1.0))
@@ -128,16 +129,12 @@ def _branching_score_kernel(
     lanes = tl.arange(0, BLOCK)
     for first in range(start, end, BLOCK):
         tok = first + lanes
-        inside = tok < end
-        keep = inside
-        if HAS_MASK:
-            keep = keep & (tl.load(mask_ptr + tok, mask=inside, other=0) != 0)
-        z_e = (tl.load(entropy_ptr + tok, mask=inside, other=0.0).to(tl.float32) - mean_e) / (
-            std_e + eps)
-        z_o = (tl.load(omega_ptr + tok, mask=inside, other=0.0).to(tl.float32) - mean_o) / (
-            std_o + eps)
-        tl.store(score_ptr + tok, tl.where(keep, z_e * z_o, 0.0), mask=inside)
-        tl.store(strict_ptr + tok, (keep & (z_e > 0) & (z_o > 0)).to(tl.uint8), mask=inside)
+        entropy, keep = _load_tokens(entropy_ptr, mask_ptr, tok, end, HAS_MASK)
+        omega, _ = _load_tokens(omega_ptr, mask_ptr, tok, end, HAS_MASK)
+        z_e = (entropy - mean_e) / (std_e + eps)
+        z_o = (omega - mean_o) / (std_o + eps)
+        tl.store(score_ptr + tok, tl.where(keep, z_e * z_o, 0.0), mask=tok < end)
+        tl.store(strict_ptr + tok, (keep & (z_e > 0) & (z_o > 0)).to(tl.uint8), mask=tok < end)
 
 
 def branching_score(entropy, omega, cu_seqlens, mask, eps):
