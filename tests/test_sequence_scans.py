@@ -280,3 +280,26 @@ def test_pack_unpack_round_trip():
     for b in range(batch):
         assert torch.equal(right[b, :lengths[b]], x[b][attention[b]])
         assert (right[b, lengths[b]:] == 0).all()
+
+
+def test_torch_compile_fullgraph(backend):
+    cu = random_packing([5, 0, 40, 1])
+    n = int(cu[-1])
+    adv, logprob = torch.randn(n), -torch.rand(n)
+    old = logprob + 0.1 * torch.randn(n)
+    mask = torch.rand(n) > 0.2
+
+    def step(x):
+        omega = future_value(logprob, old, cu, mask=mask)
+        scores = branching_score(x.detach(), omega, cu, mask)
+        scaled = future_kl_scale(adv, logprob, old, cu, mask)
+        return (discounted_suffix_sum(x, cu, 0.9, mask) * scaled).sum() + scores.score.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1, x2 = torch.randn(n, requires_grad=True), None
+    x2 = x1.detach().clone().requires_grad_()
+    eager, traced = step(x1), compiled(x2)
+    eager.backward()
+    traced.backward()
+    torch.testing.assert_close(traced, eager)
+    torch.testing.assert_close(x2.grad, x1.grad)
