@@ -7,11 +7,12 @@ from appo_kernels.sequence import (BranchScores, VocabFlags, branching_score,
                                    group_advantages, pack, procedure_advantages,
                                    select_branch_points, unpack, vocab_flags)
 from appo_kernels.token_stats import TokenStats, token_stats
+from appo_kernels.tree import TreeLayout, flex_tree_attention, tree_attention
 
 __all__ = [
-    "BranchScores", "TokenStats", "VocabFlags", "backend_info", "branching_score",
-    "discounted_suffix_sum", "future_kl_scale", "future_value", "group_advantages", "kl_penalty",
-    "pack", "policy_loss", "procedure_advantages", "select_branch_points", "token_stats",
-    "unpack", "vocab_flags",
+    "BranchScores", "TokenStats", "TreeLayout", "VocabFlags", "backend_info", "branching_score",
+    "discounted_suffix_sum", "flex_tree_attention", "future_kl_scale", "future_value",
+    "group_advantages", "kl_penalty", "pack", "policy_loss", "procedure_advantages",
+    "select_branch_points", "token_stats", "tree_attention", "unpack", "vocab_flags",
 ]
 __version__ = "0.1.0"
