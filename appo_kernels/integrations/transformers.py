@@ -1,0 +1,173 @@
+"""Hugging Face transformers: packed rollout trees through any `AttentionInterface` model.
+
+Importing this module registers the attention function `"appo_tree"`. A model switched to it runs
+one packed tree (SPEC §2.5) per forward, every shared prefix computed once:
+
+    model = enable_tree_attention(model)              # or attn_implementation="appo_tree" at load
+    layout, token_ids, paths = TreeLayout.from_sequences(seqs)
+    logits = model(input_ids=token_ids[None], position_ids=layout.depth[None], appo_tree=layout,
+                   use_cache=False).logits[0]
+    stats = tree_token_stats(logits, layout, token_ids)
+
+The layout travels as a keyword argument of the model call: transformers forwards unknown keyword
+arguments of `forward` (its `TransformersKwargs`) down every decoder layer into the attention
+function. `position_ids` must be `layout.depth`, so that rotary embeddings see each token at its
+position in its own sequence. Models whose attention modules do not call
+`ALL_ATTENTION_FUNCTIONS.get_interface` cannot use it (transformers refuses to switch them).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from appo_kernels._checks import INDEX_DTYPES, check_values, tensor_arg
+from appo_kernels.token_stats import TokenStats, token_stats
+from appo_kernels.tree import TreeLayout, tree_attention
+
+ATTN_IMPLEMENTATION = "appo_tree"
+LAYOUT_KWARG = "appo_tree"
+# attention variants of other model families that tree attention does not implement
+UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux")
+
+__all__ = ["ATTN_IMPLEMENTATION", "LAYOUT_KWARG", "enable_tree_attention", "register",
+           "tree_attention_forward", "tree_padding_mask", "tree_token_stats"]
+
+
+def tree_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                           attention_mask: Optional[Tensor], scaling: Optional[float] = None,
+                           dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
+    """The `"appo_tree"` attention function: query [1, Hq, N, D], key/value [1, Hkv, N, D] in the
+    layout's order, the `TreeLayout` in `kwargs["appo_tree"]`; returns ([1, N, Hq, D], None).
+
+    The tree is the mask: `attention_mask` must be None (`tree_padding_mask` has already refused
+    a 2-D mask; a prepared 4-D one comes here). GQA is left to `tree_attention` (no repeated
+    key/value heads).
+    """
+    layout = kwargs.get(LAYOUT_KWARG)
+    if layout is None:
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" needs the tree: call the model with '
+            f"{LAYOUT_KWARG}=layout (a TreeLayout) and position_ids=layout.depth[None]")
+    if not isinstance(layout, TreeLayout):
+        raise TypeError(f"{LAYOUT_KWARG} must be a TreeLayout, got {type(layout).__name__}")
+    if query.dim() != 4 or query.shape[0] != 1:
+        raise ValueError(f"tree attention runs one packed tree: input_ids must have batch size 1 "
+                         f"([1, N]), got query of shape {tuple(query.shape)}")
+    if query.shape[2] != layout.n_tokens or key.shape[2] != layout.n_tokens:
+        raise ValueError(
+            f"the input has {query.shape[2]} tokens ({key.shape[2]} keys) but {LAYOUT_KWARG} has "
+            f"{layout.n_tokens}: pass input_ids of the layout's tokens and use_cache=False")
+    if attention_mask is not None:
+        raise ValueError("tree attention takes its mask from the layout: pass attention_mask=None")
+    if dropout > 0:
+        raise ValueError(f"tree attention has no dropout, got dropout={dropout}: set "
+                         f"config.attention_dropout = 0 (or call model.eval())")
+    unsupported = [name for name in UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
+    if unsupported:
+        raise NotImplementedError(f"tree attention does not support {unsupported} "
+                                  f"({type(module).__name__})")
+    position_ids = kwargs.get("position_ids")
+    # a forgotten position_ids silently gives rotary positions 0..N-1: check once per forward
+    if (position_ids is not None and getattr(module, "layer_idx", 0) == 0
+            and check_values(position_ids)
+            and not torch.equal(position_ids.reshape(-1), layout.depth.to(position_ids))):
+        raise ValueError("position_ids must be layout.depth[None] (each token's position in its "
+                         "own sequence)")
+    # [1, H, N, D] -> [N, H, D]: a view (transformers keeps the projections' [N, H, D] memory)
+    out = tree_attention(query[0].transpose(0, 1), key[0].transpose(0, 1),
+                         value[0].transpose(0, 1), layout, scale=scaling)
+    return out[None], None
+
+
+def tree_padding_mask(*, attention_mask: Optional[Tensor] = None, **kwargs) -> None:
+    """The `"appo_tree"` mask function, called once per forward: the layout is the mask, so it
+    builds none, and refuses a padding mask rather than let it be dropped unseen."""
+    if attention_mask is not None:
+        raise ValueError("tree attention takes its mask from the layout: pass attention_mask=None")
+    return None
+
+
+def register() -> None:
+    """Register `"appo_tree"` with transformers' `AttentionInterface` and
+    `AttentionMaskInterface` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    # Never route trees through flash_attention_2: it infers packed sequences from position ids
+    # (a reset to 0 starts a sequence), so branches would not see their shared prefix.
+    AttentionInterface.register(ATTN_IMPLEMENTATION, tree_attention_forward)
+    # without a mask function transformers would silently drop a 2-D attention_mask
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, tree_padding_mask)
+
+
+def enable_tree_attention(model):
+    """Switch a loaded `PreTrainedModel` (and its sub-models) to `"appo_tree"`; returns it.
+
+    At load time `from_pretrained(path, attn_implementation="appo_tree")` does the same. The model
+    then needs `appo_tree=layout` on every call; switch back with
+    `model.set_attn_implementation("sdpa")` for generation.
+    """
+    register()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError(f"{type(model).__name__} cannot switch its attention implementation "
+                         f"(its attention does not use transformers' AttentionInterface)")
+    return model
+
+
+def tree_token_stats(logits: Tensor, layout: TreeLayout, token_ids: Tensor, *,
+                     temperature: float = 1.0, mask: Optional[Tensor] = None,
+                     extras: tuple[str, ...] = ()) -> TokenStats:
+    """Next-token statistics of a packed tree, per token: `token_stats` of the distribution that
+    predicts token t, which sits at row `parent[t]` of `logits` (SPEC §2.5).
+
+    Args:
+        logits: [N, V] or [1, N, V] (a tree forward's output), in the layout's order.
+        layout: the tree; token_ids: int [N], the packed tokens (from `TreeLayout.from_sequences`).
+        temperature, extras: as for `token_stats`.
+        mask: bool [N]; tokens where it is False are not scored.
+
+    Returns:
+        TokenStats over the N tokens: logprob[t] = log p(token_ids[t] | ancestors of t), and the
+        entropy, lse (and extras) of that distribution. Roots have no prediction: like masked
+        tokens they give 0 and get no gradient. A tree token stands for one token of every
+        sequence through it: to match a sum over the unrolled sequences, weight token t by
+        `torch.bincount(torch.cat(paths), minlength=N)[t]`.
+    """
+    if logits.dim() == 3 and logits.shape[0] == 1:
+        logits = logits[0]
+    tensor_arg("logits", logits, ndim=2)
+    if not isinstance(layout, TreeLayout):
+        raise TypeError(f"layout must be a TreeLayout, got {type(layout).__name__}")
+    n = layout.n_tokens
+    tensor_arg("token_ids", token_ids, dtypes=INDEX_DTYPES, shape=(n,), like=logits)
+    tensor_arg("mask", mask, dtypes=(torch.bool,), shape=(n,), like=logits, optional=True)
+    if logits.shape[0] != n:
+        raise ValueError(f"logits must have one row per layout token ({n}), got "
+                         f"{tuple(logits.shape)}")
+    parent = layout.parent.to(logits.device)
+    scored = parent >= 0 if mask is None else (parent >= 0) & mask
+    # in DFS pre-order a row's first child is the next token: row p is scored against token p + 1,
+    # and only the first tokens of branches (parent[t] != t - 1) need a second lookup into row p
+    rows_needed = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    rows_needed[parent[scored]] = True
+    next_token = torch.cat([token_ids[1:], token_ids.new_zeros(1)])
+    rows = token_stats(logits, next_token, temperature=temperature, mask=rows_needed,
+                       extras=extras)
+
+    src = parent.clamp_min(0)
+    fields = {name: torch.where(scored, value[src], 0.0)
+              for name, value in rows._asdict().items() if value is not None and name != "logprob"}
+    logprob = torch.cat([rows.logprob.new_zeros(1), rows.logprob[:-1]])  # row t - 1 predicts t
+    starts = layout.segment_starts().to(logits.device)
+    starts = starts[scored[starts]]
+    z = logits[parent[starts], token_ids[starts]].float() * (1.0 / float(temperature))
+    logprob = logprob.index_put((starts,), z - rows.lse[parent[starts]])
+    fields["logprob"] = torch.where(scored, logprob, 0.0)
+    return TokenStats(**fields)
+
+
+register()
