@@ -19,7 +19,10 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 KEY = ("op", "provider", "shape", "dtype", "mode")
-MODE_ORDER = {"fwd": 0, "fwd_bwd": 1}
+MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2}
+# optional extra_info keys copied into the results when a bench records them: a FLOP count and
+# TFLOP/s under it, and for tree attention the same under the unrolled paths' FLOP count
+OPTIONAL = ("flops", "tflops", "unrolled_flops", "unrolled_tflops")
 
 
 def device_slug(name: str) -> str:
@@ -57,6 +60,7 @@ def rows_from_run(run: dict) -> list[dict]:
             "date": run.get("datetime"),
             "commit": commit,
         })
+        row.update({k: info[k] for k in OPTIONAL if info.get(k) is not None})
         if info.get("note"):
             row["note"] = info["note"]
         rows.append(row)
@@ -92,9 +96,14 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     notes: list[str] = []
+    # TFLOP/s columns appear only where some row has a FLOP count (attention, not token_stats)
+    extra = [(k, title) for k, title in (("tflops", "TFLOP/s"),
+                                         ("unrolled_tflops", "unrolled-eq TFLOP/s"))
+             if any(r.get(k) is not None for r in rows)]
     lines = [
-        "| op | provider | shape (T×V) | dtype | mode | median ms | GB/s | % copy bw | × best peer |",
-        "|---|---|---|---|---|---:|---:|---:|---:|",
+        "| op | provider | shape | dtype | mode | median ms | GB/s | % copy bw | "
+        + "".join(f"{title} | " for _, title in extra) + "× best peer |",
+        "|---|---|---|---|---|---:|---:|---:|" + "---:|" * len(extra) + "---:|",
     ]
     for r in rows:
         name = r["provider"]
@@ -103,8 +112,10 @@ def markdown(rows: list[dict]) -> str:
                 notes.append(r["note"])
             name += "†" * (notes.index(r["note"]) + 1)
         ratio = f"{r['vs_best_peer']:.2f}" if r.get("vs_best_peer") is not None else "–"
+        cells = "".join(f"{r[k]:.4g} | " if r.get(k) is not None else "– | " for k, _ in extra)
         lines.append(f"| {r['op']} | {name} | {shape_text(r['shape'])} | {r['dtype']} | {r['mode']} | "
-                     f"{r['median_ms']:.3f} | {r['gbps']:.1f} | {r['pct_copy_bw']:.1f} | {ratio} |")
+                     f"{r['median_ms']:.3f} | {r['gbps']:.1f} | {r['pct_copy_bw']:.1f} | {cells}"
+                     f"{ratio} |")
     for i, note in enumerate(notes):
         lines.append(f"\n{'†' * (i + 1)} {note}")
     return "\n".join(lines)

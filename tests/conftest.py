@@ -6,8 +6,12 @@ triton is first imported: hence the environment is set here, before torch and ap
 
 import os
 
-import pytest
-import torch  # importing torch does not import triton
+# the Triton interpreter runs tl.dot through numpy: one BLAS thread, or it fights torch's for the
+# two cores (set before numpy and torch load)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402  (importing torch does not import triton)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -111,6 +111,9 @@ def tree_attention(q: Tensor, k: Tensor, v: Tensor, layout: TreeLayout, *,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = "torch" if q.dtype == torch.float64 else _backend.select(q.device,
                                                                        has_cuda_kernel=False)
+    if backend == "triton" and torch.compiler.is_compiling() and "triton" not in layout.cache:
+        raise RuntimeError("tree_attention under torch.compile needs the layout's kernel "
+                           "metadata built first: call layout.prepare() outside the compiled code")
     meta = _impl(backend).metadata(layout) if backend == "triton" else []
     out, lse = _tree_attention_op(q, k, v, layout.subtree_end, meta, scale, deterministic,
                                   backend)

@@ -62,11 +62,20 @@ def flex_tree_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale=None,
     if compiled is None:
         compiled = q.is_cuda
     fn = _compiled_flex() if compiled else flex_attention
+    lse_request = {}
+    if return_lse:  # torch >= 2.9 asks for the lse through AuxRequest, older versions by a flag
+        try:
+            from torch.nn.attention.flex_attention import AuxRequest
+
+            lse_request = {"return_aux": AuxRequest(lse=True)}
+        except ImportError:
+            lse_request = {"return_lse": True}
     out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
              block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
-             return_lse=return_lse)
+             **lse_request)
     if return_lse:
-        o, lse = out
+        o, aux = out
+        lse = aux.lse if hasattr(aux, "lse") else aux
         return o[0].transpose(0, 1), lse[0].float()
     return out[0].transpose(0, 1)
 

@@ -172,6 +172,17 @@ class TreeLayout:
         paths = [order[torch.tensor(p, dtype=torch.long)] for p in trie_paths]
         return cls.from_parents(parent), token_ids, paths
 
+    def prepare(self) -> "TreeLayout":
+        """Build the kernel metadata (tile lists) of the backend that will run on this layout's
+        device now, so that later calls, also inside torch.compile, only read it."""
+        from appo_kernels import _backend
+
+        if _backend.select(self.device, has_cuda_kernel=False) == "triton":
+            from appo_kernels.tree import triton
+
+            triton.metadata(self)
+        return self
+
     def to(self, device) -> "TreeLayout":
         return TreeLayout(self.parent.to(device), self.depth.to(device),
                           self.subtree_end.to(device), self.n_tokens)

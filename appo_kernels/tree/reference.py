@@ -1,7 +1,9 @@
 """Torch reference for `tree_attention`: the CPU implementation, float32 accumulation.
 
-Queries are processed in chunks; a chunk [a, b) only needs keys j < b (keys come before their
-descendants in pre-order), and j is visible to i iff j ≤ i ≤ subtree_end[j].
+Each tree of the forest is processed on its own, in query chunks [a, b) whose boundaries and keys
+[root, b) depend only on that tree, so a tree gives bitwise the same result alone and packed with
+others (batch invariance). Keys precede their descendants in pre-order, and j is visible to i iff
+j ≤ i ≤ subtree_end[j].
 """
 
 from __future__ import annotations
@@ -13,10 +15,17 @@ from appo_kernels._backend import new_output
 CHUNK_SCORES = 1 << 24  # score-matrix elements per chunk (64 MB of float32)
 
 
-def _chunks(n_tokens: int, n_heads: int):
-    step = max(1, CHUNK_SCORES // max(1, n_tokens * n_heads))
-    for a in range(0, n_tokens, step):
-        yield a, min(n_tokens, a + step)
+def _chunks(subtree_end, n_heads: int):
+    """(root, a, b): query chunks [a, b) of every tree [root, subtree_end[root]]."""
+    ends = subtree_end.tolist()
+    root = 0
+    while root < len(ends):
+        last = ends[root]
+        size = last - root + 1
+        step = max(1, CHUNK_SCORES // (size * n_heads))
+        for a in range(root, last + 1, step):
+            yield root, a, min(last + 1, a + step)
+        root = last + 1
 
 
 def _acc_dtype(x):
@@ -29,12 +38,12 @@ def _expand_heads(x, group):
     return x.repeat_interleave(group, dim=1) if group > 1 else x
 
 
-def _probs(q, k, subtree_end, a, b, scale):
-    """Scores and probabilities of queries [a, b) over keys [0, b): ([H, C, b], lse [H, C])."""
+def _probs(q, k, subtree_end, root, a, b, scale):
+    """Probabilities of queries [a, b) over keys [root, b) ([H, C, b − root]) and lse [H, C]."""
     i = torch.arange(a, b, device=q.device)
-    j = torch.arange(b, device=q.device)
-    visible = (j[None, :] <= i[:, None]) & (i[:, None] <= subtree_end[None, :b])
-    scores = torch.einsum("qhd,khd->hqk", q[a:b], k[:b]) * scale
+    j = torch.arange(root, b, device=q.device)
+    visible = (j[None, :] <= i[:, None]) & (i[:, None] <= subtree_end[None, root:b])
+    scores = torch.einsum("qhd,khd->hqk", q[a:b], k[root:b]) * scale
     scores = scores.masked_fill(~visible[None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     return torch.exp(scores - lse[..., None]), lse
@@ -46,9 +55,9 @@ def forward(q, k, v, subtree_end, scale):
     qf, kf, vf = q.to(_acc_dtype(q)), _expand_heads(k, group), _expand_heads(v, group)
     out = new_output(v.shape[:1] + (n_heads, v.shape[2]), q.dtype, q.device)
     lse = new_output((n_heads, n), _acc_dtype(q), q.device)
-    for a, b in _chunks(n, n_heads):
-        p, lse[:, a:b] = _probs(qf, kf, subtree_end, a, b, scale)
-        out[a:b] = torch.einsum("hqk,khd->qhd", p, vf[:b]).to(q.dtype)
+    for root, a, b in _chunks(subtree_end, n_heads):
+        p, lse[:, a:b] = _probs(qf, kf, subtree_end, root, a, b, scale)
+        out[a:b] = torch.einsum("hqk,khd->qhd", p, vf[root:b]).to(q.dtype)
     return out, lse
 
 
@@ -67,15 +76,15 @@ def backward(q, k, v, out, lse, grad_out, grad_lse, subtree_end, scale):
     dq = torch.zeros_like(qf)
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
-    for a, b in _chunks(n, n_heads):
-        p, _ = _probs(qf, kf, subtree_end, a, b, scale)
-        dv[:b] += torch.einsum("hqk,qhd->khd", p, do[a:b])
-        dp = torch.einsum("qhd,khd->hqk", do[a:b], vf[:b])
+    for root, a, b in _chunks(subtree_end, n_heads):
+        p, _ = _probs(qf, kf, subtree_end, root, a, b, scale)
+        dv[root:b] += torch.einsum("hqk,qhd->khd", p, do[a:b])
+        dp = torch.einsum("qhd,khd->hqk", do[a:b], vf[root:b])
         ds = p * (dp - delta[:, a:b, None])
         if grad_lse is not None:
             ds = ds + p * grad_lse[:, a:b, None].to(qf.dtype)
-        dq[a:b] = torch.einsum("hqk,khd->qhd", ds, kf[:b]) * scale
-        dk[:b] += torch.einsum("hqk,qhd->khd", ds, qf[a:b]) * scale
+        dq[a:b] = torch.einsum("hqk,khd->qhd", ds, kf[root:b]) * scale
+        dk[root:b] += torch.einsum("hqk,qhd->khd", ds, qf[a:b]) * scale
     if group > 1:
         dk = dk.view(n, n_kv, group, -1).sum(2)
         dv = dv.view(n, n_kv, group, -1).sum(2)
