@@ -1,0 +1,118 @@
+"""Supervised warm start ("cold start", SPEC §4): a short fine-tune on task demonstrations in the
+tool format, so that RL starts from a policy that writes the protocol and calls the tools but is
+still far from solving the task. Kept deliberately short: RL needs room to improve.
+
+The loss covers the model's own tokens of each demonstration and its end-of-sequence token;
+tool results (`<result>...</result>`) are masked out, as they are in rollouts.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+
+from appo.prompting import encode_prompt
+from appo.rollout.format import RESULT_CLOSE, RESULT_OPEN
+from appo_kernels import token_stats
+
+_RESULT_RE = re.compile(re.escape(RESULT_OPEN) + ".*?" + re.escape(RESULT_CLOSE), re.S)
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    steps: int = 60
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def encode_demonstration(tokenizer, prompt_ids: list[int], response: str) -> tuple[list[int],
+                                                                                   list[int]]:
+    """(ids, loss_mask) of prompt + response + EOS; mask 1 on model-written response tokens and on
+    EOS, 0 on the prompt and on tool results."""
+    ids, mask = list(prompt_ids), [0] * len(prompt_ids)
+    cursor = 0
+    for match in list(_RESULT_RE.finditer(response)) + [None]:
+        end = len(response) if match is None else match.start()
+        pieces = [(response[cursor:end], 1)]
+        if match is not None:
+            pieces.append((match.group(0), 0))
+            cursor = match.end()
+        for text, is_model in pieces:
+            if text:
+                piece = tokenizer(text, add_special_tokens=False).input_ids
+                ids += piece
+                mask += [is_model] * len(piece)
+    ids.append(tokenizer.eos_token_id)
+    mask.append(1)
+    return ids, mask
+
+
+def _batch(examples, pad_id: int, device):
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (seq, mask) in enumerate(examples):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        loss_mask[row, :len(seq)] = torch.tensor(mask, dtype=torch.bool)
+        attention[row, :len(seq)] = 1
+    return ids.to(device), loss_mask.to(device), attention.to(device)
+
+
+def warm_start(model, tokenizer, task, config: WarmStartConfig = WarmStartConfig(), *,
+               progress: bool = True) -> list[float]:
+    """Fine-tune `model` in place on `config.steps` batches of demonstrations of `task`'s train
+    split; returns the loss of every step (mean negative log-likelihood per loss token)."""
+    problems = task.split("train")
+    rng = random.Random(config.seed)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.train()
+    losses = []
+    bar = _progress(config.steps, progress)
+    for _ in range(config.steps):
+        examples = []
+        for problem in rng.sample(problems, min(config.batch_size, len(problems))):
+            prompt_ids = encode_prompt(tokenizer, problem.prompt)
+            examples.append(encode_demonstration(tokenizer, prompt_ids,
+                                                 task.demonstration(problem, rng)))
+        ids, loss_mask, attention = _batch(examples, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=attention).logits
+        # the logits at position t predict token t + 1
+        stats = token_stats(logits[:, :-1], ids[:, 1:], mask=loss_mask[:, 1:])
+        loss = -stats.logprob.sum() / loss_mask[:, 1:].sum().clamp_min(1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update()
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    return losses
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="warm start", unit="step")
