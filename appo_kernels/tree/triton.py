@@ -198,6 +198,21 @@ def _fwd_keys(acc, l_i, m_i, q, offs_m, k_ptr, v_ptr, stride_kn, stride_vn, offs
 
 
 @triton.jit
+def _query_rows(first, stop, d_mask, BLOCK_M: tl.constexpr):
+    """Query rows [first, first + BLOCK_M) cut at `stop`: indices, row mask, [rows, D] mask and
+    int64 row offsets."""
+    offs_m = first + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < stop
+    return offs_m, row_mask, row_mask[:, None] & d_mask[None, :], offs_m.to(tl.int64)[:, None]
+
+
+@triton.jit
+def _load_rows(ptr, rows, head, stride_n, stride_h, offs_d, io_mask, DOT_DTYPE: tl.constexpr):
+    return tl.load(ptr + rows * stride_n + head * stride_h + offs_d[None, :], mask=io_mask,
+                   other=0.0).to(DOT_DTYPE)
+
+
+@triton.jit
 def _query_tile(tiles_ptr, n_heads, GROUP: tl.constexpr):
     """This program's query head, its key head (GQA) and its tile's row of the tile list."""
     # heads vary fastest: the longest tiles (first in the list) start first for every head, and
@@ -224,12 +239,8 @@ def _fwd_kernel(
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
     for sub in range(q_lo, q_hi, BLOCK_M):
-        offs_m = sub + tl.arange(0, BLOCK_M)
-        row_mask = offs_m < q_hi
-        io_mask = row_mask[:, None] & d_mask[None, :]
-        rows = offs_m.to(tl.int64)[:, None]
-        q = tl.load(q_ptr + rows * stride_qn + head * stride_qh + offs_d[None, :], mask=io_mask,
-                    other=0.0).to(DOT_DTYPE)
+        offs_m, row_mask, io_mask, rows = _query_rows(sub, q_hi, d_mask, BLOCK_M)
+        q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, io_mask, DOT_DTYPE)
         m_i = tl.full([BLOCK_M], NEG_INF, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -334,14 +345,11 @@ def _dkdv_kernel(
         for g in range(GROUP):  # the query heads that read this key head
             head = kv_head * GROUP + g
             for start in range(kk, q_stop, BLOCK_M):
-                offs_m = start + tl.arange(0, BLOCK_M)
-                row_mask = offs_m < q_stop
-                io_mask = row_mask[:, None] & d_mask[None, :]
-                rows = offs_m.to(tl.int64)[:, None]
-                q = tl.load(q_ptr + rows * stride_qn + head * stride_qh + offs_d[None, :],
-                            mask=io_mask, other=0.0).to(DOT_DTYPE)
-                do = tl.load(do_ptr + rows * stride_dn + head * stride_dh + offs_d[None, :],
-                             mask=io_mask, other=0.0).to(DOT_DTYPE)
+                offs_m, row_mask, io_mask, rows = _query_rows(start, q_stop, d_mask, BLOCK_M)
+                q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, io_mask,
+                               DOT_DTYPE)
+                do = _load_rows(do_ptr, rows, head, stride_dn, stride_dh, offs_d, io_mask,
+                                DOT_DTYPE)
                 lse = tl.load(lse_ptr + head * n_tokens + offs_m, mask=row_mask, other=0.0)
                 delta = tl.load(delta_ptr + head * n_tokens + offs_m, mask=row_mask, other=0.0)
                 s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
@@ -402,14 +410,9 @@ def _dq_kernel(
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
     for sub in range(q_lo, q_hi, BLOCK_M):
-        offs_m = sub + tl.arange(0, BLOCK_M)
-        row_mask = offs_m < q_hi
-        io_mask = row_mask[:, None] & d_mask[None, :]
-        rows = offs_m.to(tl.int64)[:, None]
-        q = tl.load(q_ptr + rows * stride_qn + head * stride_qh + offs_d[None, :], mask=io_mask,
-                    other=0.0).to(DOT_DTYPE)
-        do = tl.load(do_ptr + rows * stride_dn + head * stride_dh + offs_d[None, :],
-                     mask=io_mask, other=0.0).to(DOT_DTYPE)
+        offs_m, row_mask, io_mask, rows = _query_rows(sub, q_hi, d_mask, BLOCK_M)
+        q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, io_mask, DOT_DTYPE)
+        do = _load_rows(do_ptr, rows, head, stride_dn, stride_dh, offs_d, io_mask, DOT_DTYPE)
         lse = tl.load(lse_ptr + head * n_tokens + offs_m, mask=row_mask, other=0.0) * LOG2E
         delta = tl.load(delta_ptr + head * n_tokens + offs_m, mask=row_mask, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
