@@ -18,7 +18,10 @@ from appo_kernels import _backend
 from appo_kernels.tree import TreeLayout, tree_attention
 
 # error bound relative to the largest magnitude of the expected tensor (outputs and gradients)
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+# error bound relative to max|reference|. Low-precision kernels round P and dS to the input dtype
+# before the matmuls (as FlashAttention does): with the same bf16 inputs upcast to float32 the
+# kernel agrees to 1e-6, while bf16 gradients at head dim 256 deviate by up to ~3.5% (measured).
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 LSE_TOL = 1e-4  # lse is float32 whatever the input dtype
 
 
