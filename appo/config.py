@@ -1,0 +1,336 @@
+"""The training configuration: dataclasses whose nesting and key names are verl's
+(`data.*`, `actor_rollout_ref.{model,actor,rollout}.*`, `algorithm.*`, `trainer.*`), so a verl user
+reads and overrides them as they would there. TRL's `GRPOConfig` names are accepted as aliases.
+
+A config comes from defaults, then a YAML file (`load_yaml`), then `key=value` overrides with
+dotted paths (`apply_overrides(config, ["actor_rollout_ref.actor.optim.lr=1e-6"])`) or aliases
+(`learning_rate=1e-6`). Unknown keys and values of the wrong type raise `ValueError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+ALGORITHMS = ("appo", "arpo", "grpo")
+ENGINES = ("hf", "vllm")
+BRANCH_PER = ("group", "sequence")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class DataConfig:
+    """verl's `data.*`: which task, how many prompts per step, how long a response may be."""
+
+    task: str = "calc"
+    task_options: dict = field(default_factory=dict)  # keyword arguments of the task's factory
+    train_batch_size: int = 16  # prompts per step
+    max_response_length: int = 160  # response tokens, model and tool tokens together
+    val_size: int = 200  # held-out problems per evaluation (at most the eval split's size)
+
+
+@dataclass
+class ModelConfig:
+    """verl's `actor_rollout_ref.model.*`. `path` None is the embedded default model."""
+
+    path: Optional[str] = None
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
+    # supervised warm start (appo.warmstart) before RL; None: its default length for the
+    # embedded model, none for others
+    warm_start_steps: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    """verl's `actor_rollout_ref.actor.optim.*` (AdamW)."""
+
+    lr: float = 1e-3  # for the tiny default model; real models want about 1e-6 (SPEC §3.6)
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.99)
+    lr_warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"  # or "cosine" (to min_lr_ratio · lr at the last step)
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class ActorConfig:
+    """verl's `actor_rollout_ref.actor.*`: the PPO update."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ppo_epochs: int = 1
+    ppo_mini_batch_size: int = 16  # prompts per optimizer step (all of a prompt's sequences)
+    ppo_max_token_len_per_gpu: int = 16384  # token budget of one micro-batch (packed tree tokens)
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: float = 3.0
+    loss_agg_mode: str = "token-mean"
+    seq_filter: bool = True  # drop sequences with more than one dual-clipped token
+    grad_clip: float = 1.0
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = True
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "low_var_kl"  # k3; also k1/kl, k2/mse
+    unrolled: bool = False  # the training pass on padded sequences instead of packed trees
+
+
+@dataclass
+class RolloutConfig:
+    """verl's `actor_rollout_ref.rollout.*`."""
+
+    name: str = "hf"  # the engine: hf or vllm
+    n: int = 4  # initial rollouts per prompt (GRPO samples n + branch_budget independent ones)
+    temperature: float = 1.0
+    max_tool_calls: int = 6
+    gpu_memory_utilization: float = 0.5  # vllm only
+
+
+@dataclass
+class AlgorithmConfig:
+    """verl's `algorithm.*`. `adv_estimator` selects the algorithm (SPEC §3)."""
+
+    adv_estimator: str = "appo"
+    branch_budget: int = 4  # B: branches per prompt (per rollout with branch_per="sequence")
+    branch_per: str = "group"  # "sequence": the APPO paper's variant
+    norm_adv_by_std_in_grpo: bool = True
+    # APPO: Ω and the future-KL scaling of the loss (SPEC §2.3 defaults)
+    omega_clip: tuple = (0.8, 1.2)
+    use_future_kl: bool = True
+    future_kl_gamma: float = 2 ** (-1 / 64)
+    future_kl_weight: float = 1.0
+    future_kl_clip: float = 0.2
+    # ARPO: branch after a tool result when U(0,1) - beta·ΔH <= alpha
+    arpo_alpha: float = 0.5
+    arpo_beta: float = 0.2
+    arpo_entropy_tokens: int = 10  # ΔH compares the mean entropy of this many tokens
+
+
+@dataclass
+class TrainerConfig:
+    """verl's `trainer.*`."""
+
+    total_training_steps: int = 40
+    seed: int = 0
+    test_freq: int = 10  # evaluate every this many steps (and before the first and after the last)
+    save_freq: int = 10  # checkpoint every this many steps (and after the last)
+    default_local_dir: Optional[str] = None  # the run's output directory; None: runs/<algo>-<time>
+    device: str = "auto"  # auto: cuda when available, else cpu
+    progress: bool = True
+    html_prompts: int = 2  # prompts per step shown in rollouts.html
+    max_time_s: Optional[float] = None  # stop (after a full step, with a checkpoint) past this
+    max_actor_ckpt_to_keep: Optional[int] = None  # keep the newest this many checkpoints
+
+
+@dataclass
+class ActorRolloutRefConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    # short names for the parts a trainer reads most
+    @property
+    def actor(self) -> ActorConfig:
+        return self.actor_rollout_ref.actor
+
+    @property
+    def rollout(self) -> RolloutConfig:
+        return self.actor_rollout_ref.rollout
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.actor_rollout_ref.model
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Check value ranges; raises ValueError naming the key. Returns self."""
+        checks = [
+            ("algorithm.adv_estimator", self.algorithm.adv_estimator in ALGORITHMS,
+             f"one of {ALGORITHMS}"),
+            ("algorithm.branch_per", self.algorithm.branch_per in BRANCH_PER,
+             f"one of {BRANCH_PER}"),
+            ("algorithm.branch_budget", self.algorithm.branch_budget >= 0, ">= 0"),
+            ("actor_rollout_ref.rollout.name", self.rollout.name in ENGINES, f"one of {ENGINES}"),
+            ("actor_rollout_ref.rollout.n", self.rollout.n >= 1, ">= 1"),
+            ("actor_rollout_ref.rollout.temperature", self.rollout.temperature > 0, "> 0"),
+            ("actor_rollout_ref.rollout.max_tool_calls", self.rollout.max_tool_calls >= 0, ">= 0"),
+            ("data.train_batch_size", self.data.train_batch_size >= 1, ">= 1"),
+            ("data.max_response_length", self.data.max_response_length >= 1, ">= 1"),
+            ("data.val_size", self.data.val_size >= 0, ">= 0"),
+            ("actor_rollout_ref.actor.ppo_epochs", self.actor.ppo_epochs >= 1, ">= 1"),
+            ("actor_rollout_ref.actor.ppo_mini_batch_size",
+             1 <= self.actor.ppo_mini_batch_size <= self.data.train_batch_size,
+             "in [1, data.train_batch_size]"),
+            ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
+             self.actor.ppo_max_token_len_per_gpu >= 1, ">= 1"),
+            ("actor_rollout_ref.actor.optim.lr", self.actor.optim.lr >= 0, ">= 0"),
+            ("actor_rollout_ref.actor.optim.lr_scheduler_type",
+             self.actor.optim.lr_scheduler_type in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
+            ("actor_rollout_ref.actor.grad_clip", self.actor.grad_clip > 0, "> 0"),
+            ("actor_rollout_ref.actor.kl_loss_coef", self.actor.kl_loss_coef >= 0, ">= 0"),
+            ("trainer.total_training_steps", self.trainer.total_training_steps >= 0, ">= 0"),
+            ("trainer.test_freq", self.trainer.test_freq >= 0, ">= 0 (0: first and last only)"),
+            ("trainer.save_freq", self.trainer.save_freq >= 0, ">= 0 (0: last only)"),
+            ("algorithm.arpo_entropy_tokens", self.algorithm.arpo_entropy_tokens >= 1, ">= 1"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{key} must be {expected}, got {_lookup(self, key)!r}")
+        low, high = self.algorithm.omega_clip
+        if not 0 < low <= 1 <= high:
+            raise ValueError(f"algorithm.omega_clip must be (low, high) with 0 < low <= 1 <= high, "
+                             f"got {self.algorithm.omega_clip!r}")
+        return self
+
+
+# TRL GRPOConfig names (and the trainer's short CLI names) -> verl paths
+ALIASES = {
+    "learning_rate": "actor_rollout_ref.actor.optim.lr",
+    "lr": "actor_rollout_ref.actor.optim.lr",
+    "weight_decay": "actor_rollout_ref.actor.optim.weight_decay",
+    "warmup_steps": "actor_rollout_ref.actor.optim.lr_warmup_steps",
+    "lr_scheduler_type": "actor_rollout_ref.actor.optim.lr_scheduler_type",
+    "num_generations": "actor_rollout_ref.rollout.n",
+    "temperature": "actor_rollout_ref.rollout.temperature",
+    "max_completion_length": "data.max_response_length",
+    "beta": "actor_rollout_ref.actor.kl_loss_coef",
+    "epsilon": "actor_rollout_ref.actor.clip_ratio_low",
+    "epsilon_high": "actor_rollout_ref.actor.clip_ratio_high",
+    "loss_type": "actor_rollout_ref.actor.loss_agg_mode",
+    "num_iterations": "actor_rollout_ref.actor.ppo_epochs",
+    "max_grad_norm": "actor_rollout_ref.actor.grad_clip",
+    "max_steps": "trainer.total_training_steps",
+    "output_dir": "trainer.default_local_dir",
+    "save_steps": "trainer.save_freq",
+    "eval_steps": "trainer.test_freq",
+    "seed": "trainer.seed",
+    "model_name_or_path": "actor_rollout_ref.model.path",
+}
+
+
+def resolve_key(key: str) -> str:
+    """The verl path of `key` (itself, or the path an alias stands for)."""
+    return ALIASES.get(key, key)
+
+
+def set_value(config: Config, key: str, value: Any) -> None:
+    """Set one key (a dotted verl path or an alias); strings are parsed to the field's type."""
+    path = resolve_key(key)
+    *parents, name = path.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if not dataclasses.is_dataclass(node) or part not in _field_names(node):
+            raise ValueError(f"unknown config key {key!r} ({'.'.join(parents[:i + 1])!r} is not "
+                             f"a section)")
+        node = getattr(node, part)
+    if not dataclasses.is_dataclass(node) or name not in _field_names(node):
+        raise ValueError(f"unknown config key {key!r}" + _suggest(node, name))
+    hint = get_type_hints(type(node))[name]
+    if dataclasses.is_dataclass(getattr(node, name)):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} is a section: give a mapping, got {value!r}")
+        for sub, sub_value in value.items():
+            set_value(config, f"{path}.{sub}", sub_value)
+        return
+    setattr(node, name, _coerce(key, value, hint))
+
+
+def apply_overrides(config: Config, overrides) -> Config:
+    """Apply `key=value` strings (values in YAML syntax: `1e-6`, `true`, `[0.8, 1.2]`)."""
+    import yaml
+
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value")
+        set_value(config, key.strip(), yaml.safe_load(text) if text.strip() else "")
+    return config
+
+
+def from_dict(data: dict, config: Optional[Config] = None) -> Config:
+    """Apply a nested mapping (verl's layout; aliases allowed at the top level) to a config."""
+    config = Config() if config is None else config
+    if not isinstance(data, dict):
+        raise ValueError(f"a config must be a mapping, got {type(data).__name__}")
+    for key, value in data.items():
+        set_value(config, key, value)
+    return config
+
+
+def load_yaml(path: Union[str, Path], config: Optional[Config] = None) -> Config:
+    import yaml
+
+    text = Path(path).read_text()
+    return from_dict(yaml.safe_load(text) or {}, config)
+
+
+def dump_yaml(config: Config, path: Union[str, Path]) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _field_names(node) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(node))
+
+
+def _suggest(node, name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, _field_names(node), n=3) if dataclasses.is_dataclass(
+        node) else []
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _lookup(config: Config, key: str):
+    node = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """`value` as type `hint` (int, float, bool, str, tuple, dict, Optional[...])."""
+    if get_origin(hint) is Union:
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        hint = options[0]
+    if isinstance(value, str) and hint is not str:
+        import yaml
+
+        value = yaml.safe_load(value)
+        if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,),
+                dict: (dict,), tuple: (list, tuple)}.get(hint, (object,))
+    if isinstance(value, bool) and hint in (int, float) or not isinstance(value, expected):
+        raise ValueError(f"config key {key!r} expects {getattr(hint, '__name__', hint)}, "
+                         f"got {value!r}")
+    if hint is float:
+        value = float(value)
+        if math.isnan(value):
+            raise ValueError(f"config key {key!r} must not be NaN")
+    return tuple(value) if hint is tuple else value

@@ -1,0 +1,74 @@
+"""Held-out evaluation: sample responses to a task's problems and score them with its reward.
+
+The reward convention is the task's (SPEC §3.4): 1 for an exact match, -1 for bad format, values in
+between for partial credit. `accuracy` counts reward == 1 and `format_error_rate` reward == -1.
+Sampling is the rollouts' own (same engine, tool loop and limits), at temperature 1 by default, so
+the numbers describe the policy RL trains; `greedy=True` takes the most likely token instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from appo.prompting import encode_prompt
+from appo.rollout.base import Sample, SamplingParams
+
+# greedy decoding through the untruncated sampler: at this temperature a logit gap of 1e-3 already
+# makes the runner-up e^-10 times less likely, and float32 logits / 1e-4 stay far from overflow
+GREEDY_TEMPERATURE = 1e-4
+EXACT, BAD_FORMAT = 1.0, -1.0
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float  # fraction of responses with reward == 1 (exact match)
+    format_error_rate: float  # fraction with reward == -1
+    mean_reward: float
+    mean_tool_calls: float
+    mean_response_len: float  # response tokens, tool results included
+    n: int  # responses scored
+
+
+def response_text(tokenizer, sample: Sample) -> str:
+    """The decoded response alone, as a task's reward reads it: tool results included, the
+    end-of-sequence token left out (tool text that spells a special token was encoded as text)."""
+    return tokenizer.decode(sample.response_ids, skip_special_tokens=True)
+
+
+def evaluate(engine, task, tokenizer, *, split: str = "eval", n_problems: Optional[int] = None,
+             n_samples: int = 1, sampling: SamplingParams = SamplingParams(seed=0),
+             greedy: bool = False, batch_size: int = 64,
+             instructions: Optional[str] = None) -> EvalResult:
+    """Score `n_samples` responses to each of the first `n_problems` problems of `split` (all of it
+    when None), generated `batch_size` prompts at a time. `greedy` overrides the temperature (and
+    then one sample per problem is all there is to see)."""
+    problems = task.split(split)
+    if n_problems is not None:
+        if n_problems < 1:
+            raise ValueError(f"n_problems must be >= 1 or None, got {n_problems}")
+        problems = problems[:n_problems]
+    if not problems:
+        raise ValueError(f"split {split!r} of task {task.name!r} has no problems to evaluate")
+    if n_samples < 1 or batch_size < 1:
+        raise ValueError(f"n_samples and batch_size must be >= 1, got n_samples={n_samples}, "
+                         f"batch_size={batch_size}")
+    if greedy:
+        sampling = replace(sampling, temperature=GREEDY_TEMPERATURE)
+    rewards, tool_calls, lengths = [], [], []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        prompts = [encode_prompt(tokenizer, p.prompt, instructions) for p in chunk]
+        # a distinct seed per chunk: chunks must not share their samples' random streams
+        seed = None if sampling.seed is None else sampling.seed + start
+        samples = engine.generate(prompts, n_samples, replace(sampling, seed=seed))
+        for sample in samples:
+            rewards.append(task.reward(response_text(tokenizer, sample),
+                                       chunk[sample.prompt_index]))
+            tool_calls.append(sample.n_tool_calls)
+            lengths.append(len(sample.response_ids))
+    n = len(rewards)
+    return EvalResult(accuracy=sum(r == EXACT for r in rewards) / n,
+                      format_error_rate=sum(r == BAD_FORMAT for r in rewards) / n,
+                      mean_reward=sum(rewards) / n, mean_tool_calls=sum(tool_calls) / n,
+                      mean_response_len=sum(lengths) / n, n=n)

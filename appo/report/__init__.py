@@ -1,0 +1,22 @@
+"""What a training run leaves in its output directory (SPEC §4): the metrics log, its plots, the
+rollout page, and the progress bar. Pure Python + numpy + matplotlib (Agg) + tqdm; no torch.
+
+    log = MetricsLog(out_dir / METRICS_FILE)      # one JSON object per line, each with "step"
+    log.log({"step": 3, "reward_mean": 0.4, ...})
+    plot_metrics(log.records(), out_dir)          # reward.png, accuracy.png, entropy.png, kl.png
+    report = RolloutReport(out_dir / ROLLOUTS_FILE, keep_steps=5)
+    report.add_step(3, groups)                    # rewrites rollouts.html
+    bar = progress(total_steps, initial=start, desc="appo", enabled=True)
+    bar.set_postfix(format_postfix(metrics)); bar.update()
+
+Every file is replaced atomically (a temporary file beside it, then a rename), so a crash leaves
+either the old or the new version, never half of one; the metrics log is appended line by line.
+"""
+
+from .metrics import METRICS_FILE, MetricsLog, read_metrics
+from .plots import PLOTS, plot_metrics
+from .progress import format_postfix, progress
+from .rollouts import ROLLOUTS_FILE, RolloutReport
+
+__all__ = ["METRICS_FILE", "MetricsLog", "read_metrics", "PLOTS", "plot_metrics", "progress",
+           "format_postfix", "ROLLOUTS_FILE", "RolloutReport"]

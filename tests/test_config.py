@@ -1,0 +1,105 @@
+"""The training config (appo/config.py) and the `appo train` command line (appo/cli.py)."""
+
+import pytest
+
+from appo.cli import build_parser, config_from_args, main
+from appo.config import Config, apply_overrides, dump_yaml, from_dict, load_yaml
+
+
+def test_defaults_validate_and_use_verl_names():
+    config = Config().validate()
+    assert config.actor_rollout_ref.actor.clip_ratio_low == 0.2
+    assert config.actor is config.actor_rollout_ref.actor
+    assert config.algorithm.adv_estimator == "appo"
+    assert set(config.to_dict()) == {"data", "actor_rollout_ref", "algorithm", "trainer"}
+
+
+def test_yaml_round_trip(tmp_path):
+    config = Config()
+    apply_overrides(config, ["actor_rollout_ref.actor.optim.lr=2.5e-6", "algorithm.omega_clip=[0.5, 2]",
+                             "data.task_options={max_ops: 3}", "trainer.max_time_s=60"])
+    dump_yaml(config, tmp_path / "c.yaml")
+    again = load_yaml(tmp_path / "c.yaml")
+    assert again.to_dict() == config.to_dict()
+    assert again.actor.optim.lr == 2.5e-6 and again.algorithm.omega_clip == (0.5, 2.0)
+    assert again.data.task_options == {"max_ops": 3}
+
+
+def test_nested_yaml_in_verl_layout(tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        "actor_rollout_ref:\n  actor:\n    ppo_epochs: 2\n    optim: {lr: 1.0e-6}\n"
+        "  rollout: {n: 8}\nalgorithm: {adv_estimator: arpo}\nlearning_rate: 3.0e-6\n")
+    config = load_yaml(tmp_path / "run.yaml")
+    assert config.actor.ppo_epochs == 2 and config.rollout.n == 8
+    assert config.algorithm.adv_estimator == "arpo"
+    assert config.actor.optim.lr == 3e-6  # the TRL alias, applied after the nested value
+
+
+@pytest.mark.parametrize("alias, path, value", [
+    ("learning_rate", "actor.optim.lr", 1e-6), ("num_generations", "rollout.n", 6),
+    ("beta", "actor.kl_loss_coef", 0.04), ("epsilon_high", "actor.clip_ratio_high", 0.3),
+    ("loss_type", "actor.loss_agg_mode", "dr_grpo"), ("max_steps", "trainer.total_training_steps", 7),
+])
+def test_trl_aliases(alias, path, value):
+    config = apply_overrides(Config(), [f"{alias}={value}"])
+    node = config
+    for part in path.split("."):
+        node = getattr(node, part)
+    assert node == value
+
+
+@pytest.mark.parametrize("override, message", [
+    ("actor_rollout_ref.actor.lr=1", "unknown config key 'actor_rollout_ref.actor.lr'"),
+    ("actor_rollout_ref.actor.clip_ratio_lo=0.1", "did you mean clip_ratio_low"),
+    ("data.train_batch_size=many", "expects int"),
+    ("data.train_batch_size=true", "expects int"),
+    ("trainer.progress=3", "expects bool"),
+    ("nonsense", "must look like key=value"),
+    ("actor_rollout_ref.rollout=3", "is a section"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(Config(), [override])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("algorithm.adv_estimator", "ppo", "algorithm.adv_estimator must be one of"),
+    ("actor_rollout_ref.rollout.temperature", 0.0, "temperature must be > 0"),
+    ("actor_rollout_ref.actor.ppo_mini_batch_size", 99, "ppo_mini_batch_size must be in"),
+    ("algorithm.omega_clip", [1.2, 0.8], "omega_clip"),
+    ("actor_rollout_ref.rollout.name", "sglang", "rollout.name must be one of"),
+])
+def test_validate_names_the_key(key, value, message):
+    config = from_dict({key: value})
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+def test_cli_flags_then_overrides():
+    args = build_parser().parse_args(
+        ["train", "--algo", "grpo", "--steps", "5", "--unrolled", "--branch-per", "sequence",
+         "--no-progress", "trainer.total_training_steps=9", "lr=1e-4"])
+    config = config_from_args(args)
+    assert config.algorithm.adv_estimator == "grpo" and config.actor.unrolled
+    assert config.algorithm.branch_per == "sequence" and not config.trainer.progress
+    assert config.trainer.total_training_steps == 9  # overrides win over flags
+    assert config.actor.optim.lr == 1e-4
+
+
+def test_cli_resume_reads_the_run_config(tmp_path):
+    config = Config()
+    config.rollout.n = 3
+    dump_yaml(config, tmp_path / "config.yaml")
+    args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--steps", "12"])
+    resumed = config_from_args(args)
+    assert resumed.rollout.n == 3 and resumed.trainer.total_training_steps == 12
+    assert resumed.trainer.default_local_dir == str(tmp_path)
+    with pytest.raises(ValueError, match="has no config.yaml"):
+        config_from_args(build_parser().parse_args(["train", "--resume", str(tmp_path / "x")]))
+
+
+def test_cli_reports_bad_input_as_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "data.train_batch_size=0"])
+    assert exit_info.value.code == 2
+    assert "data.train_batch_size must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,266 @@
+"""The training loop (appo/trainer.py) and the packed training pass (appo/packing.py) on the
+embedded tiny model: every algorithm runs, tree and unrolled passes agree, resume repeats the
+next step exactly, a run leaves its files, Ctrl-C saves, and the reward rises."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from appo import models  # noqa: E402
+from appo.config import Config, apply_overrides  # noqa: E402
+from appo.packing import micro_batches, response_token_stats, tree_size  # noqa: E402
+from appo.tasks import Problem, Task, register_task  # noqa: E402
+from appo.trainer import Trainer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private model cache: the embedded model is built once for the module."""
+    path = tmp_path_factory.mktemp("appo-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APPO_CACHE", str(path))
+        models.default_model_dir()
+    return path
+
+
+@pytest.fixture
+def env(cache, monkeypatch):
+    monkeypatch.setenv("APPO_CACHE", str(cache))
+    return cache
+
+
+def tiny(out, *overrides, algo="appo"):
+    """A few seconds a step on the tiny model: 2 prompts, 2 rollouts + 2 branches each."""
+    config = Config()
+    apply_overrides(config, [
+        f"algorithm.adv_estimator={algo}", "data.train_batch_size=2",
+        "data.max_response_length=20", "data.val_size=4", "actor_rollout_ref.rollout.n=2",
+        "algorithm.branch_budget=2", "actor_rollout_ref.actor.ppo_mini_batch_size=1",
+        "actor_rollout_ref.model.warm_start_steps=0", "trainer.total_training_steps=2",
+        "trainer.progress=false", "trainer.test_freq=0", "trainer.save_freq=1",
+        "trainer.device=cpu", f"trainer.default_local_dir={out}", *overrides])
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# the training pass
+
+def branched_sequences(vocab, generator):
+    """Two prompts; rollouts; branches that copy a prefix of their parent's response."""
+    def draw(n):
+        return torch.randint(4, vocab, (n,), generator=generator).tolist()
+
+    prompts, responses = [], []
+    for prompt_len in (5, 7):
+        prompt = draw(prompt_len)
+        rollouts = [draw(n) for n in (9, 1, 6)]
+        for r in rollouts:
+            prompts.append(prompt)
+            responses.append(r)
+        prompts.append(prompt)
+        responses.append(rollouts[0][:4] + draw(5))  # a branch kept 4 tokens of rollout 0
+        prompts.append(prompt)
+        responses.append(rollouts[2][:1] + draw(3))
+    return prompts, responses
+
+
+def test_tree_and_unrolled_passes_agree_in_values_and_gradients(env):
+    torch.manual_seed(0)
+    model, _ = models.load_default()
+    model.float()
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    prompts, responses = branched_sequences(model.config.vocab_size, generator)
+    n = sum(len(r) for r in responses)
+    w_lp, w_ent = torch.randn(n), torch.randn(n)
+    results = []
+    for unrolled in (False, True):
+        model.zero_grad()
+        stats = response_token_stats(model, prompts, responses, temperature=0.7,
+                                     unrolled=unrolled)
+        ((stats.logprob * w_lp).sum() + (stats.entropy * w_ent).sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((stats, grads))
+    (tree, tree_grads), (flat, flat_grads) = results
+    assert tree.forward_tokens < sum(len(p) + len(r) for p, r in zip(prompts, responses))
+    torch.testing.assert_close(tree.cu_seqlens, flat.cu_seqlens)
+    torch.testing.assert_close(tree.logprob, flat.logprob, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(tree.entropy, flat.entropy, atol=2e-5, rtol=1e-5)
+    for a, b in zip(tree_grads, flat_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_micro_batches_respect_the_token_budget_and_keep_groups_whole():
+    seqs = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9], [7, 8], [7, 8, 9, 9, 9]]
+    assert tree_size(seqs) == 11
+    groups = [[0, 1, 2], [3, 4]]
+    assert micro_batches(groups, seqs, token_budget=100) == [[0, 1, 2, 3, 4]]
+    assert micro_batches(groups, seqs, token_budget=6) == [[0, 1, 2], [3, 4]]
+    assert micro_batches(groups, seqs, token_budget=2) == [[0, 1, 2], [3, 4]]  # never cut
+
+
+def test_response_token_stats_rejects_bad_input(env):
+    model, _ = models.load_default()
+    with pytest.raises(ValueError, match="prompts and responses must pair up"):
+        response_token_stats(model, [[1]], [[2], [3]])
+    with pytest.raises(ValueError, match=r"prompts\[0\] is empty"):
+        response_token_stats(model, [[]], [[2]])
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+@pytest.mark.parametrize("algo", ["appo", "arpo", "grpo"])
+def test_each_algorithm_runs_a_step(env, tmp_path, algo):
+    trainer = Trainer(tiny(tmp_path / algo, algo=algo), log=lambda *_: None)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    record = trainer.train_step(1)
+    n, budget, prompts = 2, 2, 2
+    if algo == "grpo":
+        assert record["branches"] == 0
+    else:  # APPO forks B per prompt; ARPO forks after tool results and fills the rest
+        assert record["branches"] == budget * prompts
+    for key in ("reward_mean", "accuracy", "entropy_mean", "loss", "clip_frac", "approx_kl",
+                "kl_ref_mean", "grad_norm", "tokens_per_s", "tree_tokens"):
+        assert key in record and record[key] == record[key], key  # present, not NaN
+    assert record["tree_tokens"] <= record["unrolled_tokens"]
+    assert 0 < record["entropy_mean"] <= torch.log(torch.tensor(float(trainer.vocab_size)))
+    changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert changed
+    # the engine samples with the updated weights
+    engine_params = dict(trainer.engine.model.named_parameters())
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(engine_params[name], p.detach()), name
+    del n
+
+
+def test_tree_and_unrolled_training_steps_agree(env, tmp_path):
+    records = []
+    for unrolled in (False, True):
+        # one mini-batch: the update sees the sequences packed as the old-log-prob pass did
+        config = tiny(tmp_path / str(unrolled), f"actor_rollout_ref.actor.unrolled={unrolled}",
+                      "actor_rollout_ref.actor.ppo_mini_batch_size=2")
+        records.append(Trainer(config, log=lambda *_: None).train_step(1))
+    tree, flat = records
+    for key in ("reward_mean", "branches", "response_length_mean"):
+        assert tree[key] == flat[key], key  # the same rollouts and branch points
+    for key in ("entropy_mean", "loss", "approx_kl", "kl_ref_mean", "grad_norm"):
+        assert tree[key] == pytest.approx(flat[key], rel=1e-3, abs=1e-6), key
+    assert tree["tree_tokens"] < flat["tree_tokens"]  # the unrolled pass computes padding too
+
+
+def test_resume_repeats_the_next_step_exactly(env, tmp_path):
+    straight = Trainer(tiny(tmp_path / "a"), log=lambda *_: None)
+    straight.train()
+    first = Trainer(tiny(tmp_path / "b", "trainer.total_training_steps=1"), log=lambda *_: None)
+    first.train()
+    resumed = Trainer(tiny(tmp_path / "b"), resume=True, log=lambda *_: None)
+    assert resumed.step == 1
+    result = resumed.train()
+    assert result.step == 2 and not result.interrupted
+
+    def step2(path):
+        return next(r for r in read(path / "metrics.jsonl") if r["step"] == 2)
+
+    a, b = step2(tmp_path / "a"), step2(tmp_path / "b")
+    timing = {k for k in a if k.startswith("time") or k == "tokens_per_s"}
+    assert {k: v for k, v in a.items() if k not in timing} == \
+        {k: v for k, v in b.items() if k not in timing}
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def read(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_a_run_leaves_metrics_plots_rollouts_and_checkpoints(env, tmp_path):
+    out = tmp_path / "run"
+    result = Trainer(tiny(out, "trainer.html_prompts=1"), log=lambda *_: None).train()
+    assert result.step == 2 and result.eval_before is not None and result.eval_after is not None
+    records = read(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert "eval_accuracy" in records[0] and "eval_accuracy" in records[2]
+    for name in ("reward.png", "accuracy.png", "entropy.png", "kl.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
+    html = (out / "rollouts.html").read_text()
+    assert "Step 2" in html or "step 2" in html
+    assert (out / "checkpoints" / "latest").read_text() == "step_000002"
+    assert (out / "checkpoints" / "step_000001" / "model" / "config.json").exists()
+    with pytest.raises(ValueError, match="already holds a run"):
+        Trainer(tiny(out), log=lambda *_: None)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        Trainer(tiny(tmp_path / "empty"), resume=True, log=lambda *_: None)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(env, tmp_path):
+    out = tmp_path / "run"
+    flags = ["data.train_batch_size=2", "data.max_response_length=20", "data.val_size=2",
+             "actor_rollout_ref.rollout.n=2", "algorithm.branch_budget=2",
+             "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+             "actor_rollout_ref.model.warm_start_steps=0", "trainer.save_freq=0",
+             "trainer.test_freq=0", "trainer.device=cpu"]
+    cmd = [sys.executable, "-m", "appo", "train", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd + ["--steps", "1000"] + flags, cwd=REPO, env=os.environ.copy(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(r["step"] >= 1 for r in read(metrics)):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, output
+    assert "interrupted: saved step" in output
+    saved = int((out / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    logged = max(r["step"] for r in read(metrics))
+    assert saved == logged >= 1  # the last complete step is saved: nothing logged is lost
+    done = subprocess.run(cmd[:5] + ["--resume", str(out), "--steps", str(saved + 1)],
+                          cwd=REPO, env=os.environ.copy(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [r["step"] for r in read(metrics)][-1] == saved + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# learning
+
+class DigitsTask(Task):
+    """Reward: the share of digits in the response (0.1 of a uniform policy's tokens) — dense,
+    so a few steps of RL visibly raise it."""
+
+    name = "digits-test"
+
+    def split(self, name):
+        self._check_split(name)
+        return [Problem(prompt=f"say {i}", answer="0") for i in range(40)]
+
+    def reward(self, response_text, problem):
+        return sum(c.isdigit() for c in response_text) / max(1, len(response_text))
+
+
+register_task("digits-test", DigitsTask, replace=True)
+
+
+def test_reward_rises(env, tmp_path):
+    config = tiny(tmp_path / "learn", "data.task=digits-test", "trainer.total_training_steps=12",
+                  "trainer.save_freq=0", "data.val_size=0", "data.train_batch_size=4",
+                  "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.optim.lr=1e-2",
+                  "actor_rollout_ref.actor.ppo_mini_batch_size=4", "trainer.html_prompts=0")
+    Trainer(config, log=lambda *_: None).train()
+    rewards = [r["reward_mean"] for r in read(tmp_path / "learn" / "metrics.jsonl")
+               if "reward_mean" in r]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.1, rewards
