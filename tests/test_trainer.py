@@ -122,10 +122,12 @@ def test_response_token_stats_rejects_bad_input(env):
 
 @pytest.mark.parametrize("algo", ["appo", "arpo", "grpo"])
 def test_each_algorithm_runs_a_step(env, tmp_path, algo):
-    trainer = Trainer(tiny(tmp_path / algo, algo=algo), log=lambda *_: None)
+    # an untrained model earns -1 everywhere (no advantage): the entropy bonus still moves it
+    trainer = Trainer(tiny(tmp_path / algo, "actor_rollout_ref.actor.entropy_coeff=0.01",
+                           algo=algo), log=lambda *_: None)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     record = trainer.train_step(1)
-    n, budget, prompts = 2, 2, 2
+    budget, prompts = 2, 2
     if algo == "grpo":
         assert record["branches"] == 0
     else:  # APPO forks B per prompt; ARPO forks after tool results and fills the rest
@@ -141,7 +143,6 @@ def test_each_algorithm_runs_a_step(env, tmp_path, algo):
     engine_params = dict(trainer.engine.model.named_parameters())
     for name, p in trainer.model.named_parameters():
         assert torch.equal(engine_params[name], p.detach()), name
-    del n
 
 
 def test_tree_and_unrolled_training_steps_agree(env, tmp_path):
@@ -264,3 +265,40 @@ def test_reward_rises(env, tmp_path):
                if "reward_mean" in r]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.1, rewards
+
+
+def test_vllm_engine_trains(env, tmp_path):
+    pytest.importorskip("vllm")
+    config = tiny(tmp_path / "run", "actor_rollout_ref.rollout.name=vllm",
+                  "trainer.total_training_steps=1", "actor_rollout_ref.actor.entropy_coeff=0.01")
+    trainer = Trainer(config, log=lambda *_: None)
+    result = trainer.train()
+    assert result.step == 1 and result.eval_after is not None
+    record = read(tmp_path / "run" / "metrics.jsonl")[1]
+    assert record["branches"] == 4
+    assert trainer.engine.stats["cached_tokens"] > 0  # forks read their parents' cached prefix
+
+
+def test_model_path_trains_any_local_causal_lm(env, tmp_path):
+    """`--model PATH`: a transformers model directory other than the embedded one (here a
+    2-layer Llama with 32-dim heads and grouped-query attention), no warm start by default."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = models.load_default()
+    vocab = len(tokenizer)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    run = tiny(tmp_path / "run", f"actor_rollout_ref.model.path={tmp_path / 'model'}",
+               "actor_rollout_ref.model.warm_start_steps=null", "trainer.total_training_steps=1")
+    result = Trainer(run, log=lambda *_: None).train()
+    assert result.step == 1 and not (tmp_path / "run" / "warm_start").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step_000001").exists()
+    with pytest.raises(ValueError, match="does not exist"):
+        Trainer(tiny(tmp_path / "run2", f"actor_rollout_ref.model.path={tmp_path / 'nope'}"),
+                log=lambda *_: None)

@@ -68,6 +68,20 @@ def branched_trunk():
             list(range(4000, 4040))]
 
 
+def wide_tree(prompt_len, n_leaves, offset=0):
+    """A prompt with `n_leaves` one-token branches off its last token: many one-token segments
+    that share every ancestor."""
+    prompt = list(range(offset, offset + prompt_len))
+    return [prompt + [offset + prompt_len + leaf] for leaf in range(n_leaves)]
+
+
+def leaves_on_trunk(rng, trunk_len, n_leaves, offset=0):
+    """A trunk with one-token branches off random trunk tokens (some off the same token)."""
+    trunk = list(range(offset, offset + trunk_len))
+    return [trunk] + [trunk[:rng.randint(1, trunk_len)] + [offset + trunk_len + leaf]
+                      for leaf in range(n_leaves)]
+
+
 def tree_sequences(kind, rng):
     if kind == "random":
         return random_sequences(rng, max_tokens=120)
@@ -83,11 +97,22 @@ def tree_sequences(kind, rng):
         return [list(range(rng.randint(150, 300)))]
     if kind == "branched_trunk":
         return branched_trunk()
+    if kind == "wide":  # more one-token branches than a unit holds
+        return wide_tree(5, 70)
+    if kind == "mixed":  # a forest of a wide tree, leaves on a trunk and a chain
+        return (wide_tree(3, 20) + leaves_on_trunk(rng, 100, 10, offset=1000)
+                + [list(range(2000, 2000 + rng.randint(100, 200)))])
+    # too large for the Triton interpreter
+    if kind == "chain_2000":
+        return [list(range(2000))]
+    if kind == "deep_wide":
+        return leaves_on_trunk(rng, 400, 120)
     raise ValueError(kind)
 
 
 TREE_KINDS = ["random", "deep", "forest", "single_token", "roots_only", "long_chain",
-              "branched_trunk"]
+              "branched_trunk", "wide", "mixed"]
+LARGE_TREE_KINDS = ["chain_2000", "deep_wide"]
 
 
 def seeded_rng():
@@ -201,6 +226,17 @@ def test_matches_unrolled_paths(backend, device, kind, dtype):
     check_against_paths(q, k, v, layout, paths)
 
 
+@pytest.mark.parametrize("kind", LARGE_TREE_KINDS)
+def test_matches_unrolled_paths_large(backend, device, kind):
+    """A chain of many units; one-token branches all along a deep trunk."""
+    if backend == "triton" and _backend.triton_interpret():
+        pytest.skip("too large for the Triton interpreter")
+    layout, _, paths = TreeLayout.from_sequences(tree_sequences(kind, seeded_rng()))
+    layout = layout.to(device)
+    q, k, v = random_qkv(layout.n_tokens, 2, 1, 64, torch.float32, device)
+    check_against_paths(q, k, v, layout, paths)
+
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_gqa(backend, device, group):
     layout, _, paths = TreeLayout.from_sequences(random_sequences(seeded_rng(), max_tokens=60))
@@ -253,11 +289,13 @@ def test_deterministic_is_bitwise_reproducible(backend, device):
         assert torch.equal(a, b), f"{name} differs between two deterministic runs"
 
 
-def test_tree_results_do_not_depend_on_the_forest(backend, device):
+@pytest.mark.parametrize("shape", ["random", "leaves_on_trunk"])
+def test_tree_results_do_not_depend_on_the_forest(backend, device, shape):
     """Batch invariance (SPEC §2): a tree's outputs and deterministic gradients are bitwise the
     same alone and packed with other trees, and with and without autograd."""
     rng = seeded_rng()
-    tree = random_sequences(rng, max_tokens=150, chunk=(20, 60))
+    tree = (random_sequences(rng, max_tokens=150, chunk=(20, 60)) if shape == "random"
+            else leaves_on_trunk(rng, 100, 30))
     before, after = ([[t + offset for t in s] for s in random_sequences(rng, max_depth=3,
                                                                          max_tokens=40)]
                      for offset in (10**6, 2 * 10**6))  # fresh token ids: separate trees
@@ -339,6 +377,39 @@ def test_triton_metadata_covers_exactly_the_ancestors():
             assert (layout.parent[k0 + 1:k1] >= 0).all(), "a key tile straddles trees"
             covered[k0:k1] += 1
         assert torch.equal(covered, torch.ones(n, dtype=torch.long))
+
+
+def test_reference_units_cover_exactly_the_ancestors():
+    """The reference's units: every token is a query of one unit, of at most UNIT_QUERIES
+    consecutive tokens of one tree; its keys are the ancestors of the unit's first query (visible
+    to all the unit's queries) and then its queries, so they hold every query's ancestors and what
+    the mask hides stays within the unit's own block (work follows the visible pairs)."""
+    from appo_kernels.tree import reference
+
+    rng = seeded_rng()
+    for seqs in (random_sequences(rng, n_trees=3, max_tokens=400), branched_trunk(),
+                 wide_tree(5, 150) + leaves_on_trunk(rng, 200, 60, offset=1000),
+                 [list(range(300))], [[0]]):
+        layout, _, _ = TreeLayout.from_sequences(seqs)
+        meta = reference.metadata(layout)
+        assert reference.metadata(layout) is meta and layout.cache["torch"] is meta
+        n = layout.n_tokens
+        mask = layout.dense_mask()
+        tree = torch.cumsum(layout.parent < 0, 0)
+        seen = torch.zeros(n, dtype=torch.long)
+        for queries, keys in zip(meta[0::2], meta[1::2]):
+            for query_slots, key_slots in zip(queries.tolist(), keys.tolist()):
+                a, b = query_slots[0], query_slots[0] + sum(i < n for i in query_slots)
+                assert 0 < b - a <= reference.UNIT_QUERIES
+                assert query_slots == list(range(a, b)) + [n] * (len(query_slots) - (b - a))
+                ancestors = mask[a, :a].nonzero().flatten().tolist()
+                real_keys = ancestors + list(range(a, b))
+                assert key_slots == real_keys + [n] * (len(key_slots) - len(real_keys))
+                assert mask[a:b, real_keys].sum() == mask[a:b].sum(), "a visible key is missing"
+                assert mask[a:b, ancestors].all(), "an ancestor of a is hidden from the unit"
+                assert (tree[a:b] == tree[a]).all(), "a unit straddles trees"
+                seen[a:b] += 1
+        assert torch.equal(seen, torch.ones(n, dtype=torch.long))
 
 
 def test_torch_compile_fullgraph(backend, device):

@@ -9,7 +9,7 @@ three lists stay aligned however many tool calls happen.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Mapping, Optional, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,10 @@ class Engine(Protocol):
 
     def update_weights(self, model) -> None:
         """Load the training model's current weights (after each update)."""
+
+
+def weights_of(model) -> dict:
+    """The state_dict `update_weights` loads from a module or a state_dict, with the parameter-name
+    prefixes of torch.compile and DDP wrappers removed."""
+    state = model if isinstance(model, Mapping) else model.state_dict()
+    return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}

@@ -36,42 +36,27 @@ Design, in the order a rollout meets it:
   distinct seeds for independent calls; seed None draws one from torch's global generator.
 - **Log-probs.** log_softmax(logits / temperature) over the full vocabulary in float32, the
   quantity the trainer recomputes; tool tokens get mask 0 and log-prob 0.0.
-- **Tool loop and limits.** After each model token, in this order: EOS or a text ending in
-  `</answer>` finishes with "stop". A completed call `<name>args</name>` (name in the tool
-  mapping) runs the tool if fewer than `max_tool_calls` calls ran so far; the call beyond the
-  limit is not run and finishes the sample with "tool_limit"; a call completed on the last allowed
-  response token is not run and finishes with "length". A tool result is appended as mask-0
-  tokens; one that does not fit in `max_response_len` is cut at the limit and finishes with
-  "length". A response that reaches `max_response_len` tokens finishes with "length".
-  `n_tool_calls` counts the calls that ran (each leaves one run of mask-0 tokens), and a fork
-  starts from the count in its prefix. A fork's kept token goes through the same rules, so a fork
-  at the `>` closing a call runs that call. Calls closed in the same step run in parallel threads;
-  a tool that raises or returns a non-string yields an error or str() text, one that runs past
-  `tool_timeout` seconds an error text (its thread is abandoned).
-- Tool-call detection follows `format.tool_call_at_end`: the decoded text of the model tokens
-  since the last tool result must *end* with the closing tag, so with BPE tokenizers a tag merged
-  with the next characters into one token is not seen (exact for the character tokenizer).
+- **Tool loop and limits.** After each model token the rules of `toolloop` (shared with the vLLM
+  engine) decide: stop, run a tool call (its result fed as the row's next pending tokens), or go on.
 - Models with sliding-window or other non-full attention layers are refused (holes would shift
   their windows).
 """
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .base import Sample, SamplingParams
-from .format import ends_answer, format_tool_result, tool_call_at_end
+from .base import Sample, SamplingParams, weights_of
+from .toolloop import (DEFAULT_TOOL_TIMEOUT_S, Rollout, ToolLoop, Tools, call_seed, check_n,
+                       copy_sample, stop_ids_of, stream_seed)
 
-DEFAULT_TOOL_TIMEOUT_S = 60.0
 # re-pack the batch cache when its width reaches RATIO x the longest row's real tokens + MIN_HOLES:
 # the amortised cost of re-packing stays O(1) per token and the holes never exceed about a third
 COMPACT_RATIO, COMPACT_MIN_HOLES = 1.5, 32
@@ -80,36 +65,7 @@ MIN_CACHE_CAPACITY = 64  # cache slots allocated at least, per row
 
 def _row_generator(seed: int, index: int) -> torch.Generator:
     """The uniform stream of sample `index` of a call seeded with `seed`."""
-    state = np.random.SeedSequence([seed, index]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
-
-
-def run_tool(fn: Callable[[str], str], arguments: str) -> str:
-    """The tool's result as text: errors and junk come back as text, never as an exception."""
-    try:
-        result = fn(arguments)
-        return result if isinstance(result, str) else str(result)
-    except Exception as e:  # a tool must never crash the rollout
-        return f"error: {type(e).__name__}: {e}"
-
-
-def _run_tools(calls: list[tuple[Callable[[str], str], str]],
-               timeout: Optional[float]) -> list[str]:
-    if len(calls) == 1 and timeout is None:
-        return [run_tool(*calls[0])]
-    results: list[Optional[str]] = [None] * len(calls)
-
-    def work(i, fn, arguments):
-        results[i] = run_tool(fn, arguments)
-
-    # daemon threads: a hung tool is abandoned instead of blocking the rollout or interpreter exit
-    threads = [threading.Thread(target=work, args=(i, *call), daemon=True)
-               for i, call in enumerate(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    return [r if r is not None else f"error: tool timed out after {timeout} s" for r in results]
+    return torch.Generator().manual_seed(stream_seed(seed, index))
 
 
 @dataclass
@@ -122,33 +78,11 @@ class _PrefixKV:
 
 
 @dataclass
-class _Row:
-    sample: Sample
-    pending: list[int]  # tokens decided but not yet fed through the model
-    segment: list[int]  # model tokens since the last tool result: where tool calls are looked for
+class _Row(Rollout):
+    pending: list[int] = field(default_factory=list)  # tokens decided, not yet fed to the model
     fed: int = 0  # real tokens in the cache = position id of the next token fed
     sampled_pending: bool = False  # pending[0] is the token just sampled (a decode, not a prefill)
     rng: Optional[torch.Generator] = None
-    index: int = 0  # position in the call's output
-    finished: bool = False
-
-    def finish(self, reason: str) -> None:
-        self.sample.finish_reason = reason
-        self.finished = True
-
-
-def _tool_results_in(mask: list[int]) -> int:
-    """The runs of tool tokens (mask 0) in a response: one per tool call that ran."""
-    return sum(1 for i, m in enumerate(mask) if m == 0 and (i == 0 or mask[i - 1] == 1))
-
-
-def _copy_sample(s: Sample, **changes) -> Sample:
-    fields = dict(prompt_ids=list(s.prompt_ids), response_ids=list(s.response_ids),
-                  response_mask=list(s.response_mask), response_logprobs=list(s.response_logprobs),
-                  n_tool_calls=s.n_tool_calls, finish_reason=s.finish_reason,
-                  prompt_index=s.prompt_index, fork_of=s.fork_of)
-    fields.update(changes)
-    return Sample(**fields)
 
 
 class _GrowingLayer(DynamicLayer):
@@ -300,11 +234,10 @@ class HFEngine:
     tool_timeout: seconds a tool may run before its result becomes an error text (None: no limit).
     """
 
-    def __init__(self, model, tokenizer, tools: Optional[Mapping[str, Callable[[str], str]]] = None,
-                 *, keep_kv: bool = True, stop_token_ids: Optional[Sequence[int]] = None,
+    def __init__(self, model, tokenizer, tools: Optional[Tools] = None, *, keep_kv: bool = True,
+                 stop_token_ids: Optional[Sequence[int]] = None,
                  tool_timeout: Optional[float] = DEFAULT_TOOL_TIMEOUT_S):
-        self.model, self.tokenizer, self._tools = model, tokenizer, tools
-        self.keep_kv, self.tool_timeout = keep_kv, tool_timeout
+        self.model, self.tokenizer, self.keep_kv = model, tokenizer, keep_kv
         self.stats: Counter = Counter()
         self._kept: dict[int, tuple[weakref.ref, _PrefixKV]] = {}
         self._version = 0
@@ -313,36 +246,26 @@ class HFEngine:
             raise ValueError(f"HFEngine supports full-attention models only; this model's cache "
                              f"has {sorted(kinds)} layers")
         if stop_token_ids is None:  # the EOS of the tokenizer and generation config (maybe several)
-            config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            if not isinstance(config_eos, (list, tuple)):
-                config_eos = [config_eos]
-            stop_token_ids = [tokenizer.eos_token_id, *config_eos]
-        self.stop_ids = frozenset(int(t) for t in stop_token_ids if t is not None)
+            config = getattr(model, "generation_config", None)
+            stop_token_ids = stop_ids_of(tokenizer, getattr(config, "eos_token_id", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        # which tokens can end a closing tag: only then is the segment decoded and searched
-        tokens = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), self.vocab_size))))
-        self._ends_tag = [bool(t) and t.endswith(">") for t in tokens] + \
-            [False] * (self.vocab_size - len(tokens))
+        self.loop = ToolLoop(tokenizer, self.vocab_size, tools, stop_token_ids, tool_timeout)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @property
-    def tools(self) -> Mapping[str, Callable[[str], str]]:
-        if self._tools is not None:
-            return self._tools
-        from . import tools as registry
-
-        return {name: registry.get_tool(name) for name in registry.tool_names()}
+    def tools(self) -> Tools:
+        return self.loop.tools
 
     # ---- the Engine protocol
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
                  sampling: SamplingParams) -> list[Sample]:
-        prompts = [self._check_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        self._check_n(n)
+        prompts = [self.loop.check_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        check_n(n)
         self.release_kv()  # a new rollout phase: the previous one's samples are not forked any more
         groups = [(_Row(Sample(prompt_ids=p, prompt_index=i), pending=list(p), segment=[]), None)
                   for i, p in enumerate(prompts)]
@@ -350,44 +273,24 @@ class HFEngine:
 
     def fork(self, samples: Sequence[Sample], positions: Sequence[int], n: int,
              sampling: SamplingParams) -> list[Sample]:
-        self._check_n(n)
-        positions = [int(p) for p in positions]
-        if len(positions) != len(samples):
-            raise ValueError(f"positions must have one entry per sample: {len(positions)} "
-                             f"positions for {len(samples)} samples")
-        for s, (sample, p) in enumerate(zip(samples, positions)):
-            if not 0 <= p < len(sample.response_ids):
-                raise ValueError(f"positions[{s}] = {p} is outside sample {s}'s response "
-                                 f"(length {len(sample.response_ids)})")
-            self._check_ids(sample.prompt_ids, f"samples[{s}].prompt_ids")
-            sample.check_aligned()
+        check_n(n)
+        positions = self.loop.check_fork(samples, positions)
         prefixes = self._parent_prefixes(samples, positions)
         groups = []
         for s, (parent, p) in enumerate(zip(samples, positions)):
             full = parent.prompt_ids + parent.response_ids
             kv = prefixes[s]
             cached = min(len(kv.ids), len(parent.prompt_ids) + p)
-            mask = parent.response_mask[:p + 1]
-            last_tool = max((i for i, m in enumerate(mask[:p]) if m == 0), default=-1)
-            sample = _copy_sample(parent, response_ids=parent.response_ids[:p + 1],
-                                  response_mask=mask,
-                                  response_logprobs=parent.response_logprobs[:p + 1],
-                                  n_tool_calls=_tool_results_in(mask), finish_reason="",
-                                  fork_of=(s, p))
-            row = _Row(sample, pending=full[cached:len(parent.prompt_ids) + p + 1],
-                       segment=list(parent.response_ids[last_tool + 1:p]), fed=cached)
+            row = _Row.start_fork(parent, s, p, pending=full[cached:len(parent.prompt_ids) + p + 1],
+                               fed=cached)
             groups.append((row, (kv, cached)))
         return self._rollout(groups, n, sampling, decide_first=True)
 
     def update_weights(self, model) -> None:
         """Load the training model's weights (a module or a state_dict); kept caches go stale."""
         if model is not self.model:
-            state = model if isinstance(model, Mapping) else model.state_dict()
-            # torch.compile and DDP wrap parameter names
-            state = {k.removeprefix("_orig_mod.").removeprefix("module."): v
-                     for k, v in state.items()}
             with torch.no_grad():
-                self.model.load_state_dict(state)
+                self.model.load_state_dict(weights_of(model))
         self._version += 1
         self.release_kv()
 
@@ -396,20 +299,6 @@ class HFEngine:
         self._kept.clear()
 
     # ---- internals
-
-    def _check_ids(self, ids, name: str) -> list[int]:
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise ValueError(f"{name} is empty: a prompt needs at least one token")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"{name} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
-        return ids
-
-    @staticmethod
-    def _check_n(n: int) -> None:
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
 
     def _keep(self, sample: Sample, kv: _PrefixKV) -> None:
         key, kept = id(sample), self._kept
@@ -453,61 +342,12 @@ class HFEngine:
                         self._keep(s, found[id(s)])
         return [found[id(s)] for s in samples]
 
-    def _after_token(self, row: _Row, sampling: SamplingParams, tools) -> Optional[tuple[str, str]]:
-        """Apply the stop rules to the row's last response token; a tool call to run, if any."""
-        s = row.sample
-        token = s.response_ids[-1]
-        full = len(s.response_ids) >= sampling.max_response_len
-        if not s.response_mask[-1]:  # a fork kept inside a tool result: no call is open
-            row.segment = []
-        else:
-            row.segment.append(token)
-            if token in self.stop_ids:
-                row.finish("stop")
-                return None
-            if token < len(self._ends_tag) and self._ends_tag[token]:
-                text = self.tokenizer.decode(row.segment, skip_special_tokens=True)
-                if ends_answer(text):
-                    row.finish("stop")
-                    return None
-                call = tool_call_at_end(text, tools) if tools else None
-                if call is not None and s.n_tool_calls >= sampling.max_tool_calls:
-                    row.finish("tool_limit")
-                    return None
-                if call is not None and not full:
-                    return call
-        if full:
-            row.finish("length")
-        return None
-
-    def _append_tool_result(self, row: _Row, result: str, sampling: SamplingParams) -> None:
-        s = row.sample
-        ids = self.tokenizer.encode(format_tool_result(result), add_special_tokens=False,
-                                    split_special_tokens=True)  # a result saying "<eos>" is text
-        room = sampling.max_response_len - len(s.response_ids)
-        ids = ids[:room]
-        s.response_ids += ids
-        s.response_mask += [0] * len(ids)
-        s.response_logprobs += [0.0] * len(ids)
-        s.n_tool_calls += 1
-        row.pending += ids
-        row.segment = []
-        if len(s.response_ids) >= sampling.max_response_len:
-            row.finish("length")
-
-    def _decide(self, rows: list[_Row], sampling: SamplingParams, tools) -> None:
+    def _decide(self, rows: list[_Row], sampling: SamplingParams, tools: Tools) -> None:
         """Stop rules and the tool loop for the rows whose last token was just decided."""
-        calls = []
-        for r in rows:
-            call = self._after_token(r, sampling, tools)
-            if call is not None:
-                calls.append((r, call))
-        if calls:
-            self.stats["tool_calls"] += len(calls)
-            results = _run_tools([(tools[name], args) for _, (name, args) in calls],
-                                 self.tool_timeout)
-            for (r, _), result in zip(calls, results):
-                self._append_tool_result(r, result, sampling)
+        appended = self.loop.decide(rows, sampling, tools)
+        self.stats["tool_calls"] += len(appended)
+        for row, ids in appended:
+            row.pending += ids
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row], temperature: float):
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)
@@ -521,14 +361,14 @@ class HFEngine:
     def _rollout(self, groups: list[tuple[_Row, Optional[tuple[_PrefixKV, int]]]], n: int,
                  sampling: SamplingParams, decide_first: bool = False) -> list[Sample]:
         tools = self.tools
-        seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
+        seed = call_seed(sampling)
         if decide_first:  # a fork's kept token may end the sample or close a tool call
             self._decide([g for g, _ in groups], sampling, tools)
         out: list[Optional[Sample]] = [None] * (len(groups) * n)
         for g, (row, _) in enumerate(groups):
             if row.finished:
                 for j in range(n):
-                    out[g * n + j] = _copy_sample(row.sample)
+                    out[g * n + j] = copy_sample(row.sample)
         live = [(g, row, prefix) for g, (row, prefix) in enumerate(groups) if not row.finished]
         if not live:
             return out
@@ -536,7 +376,7 @@ class HFEngine:
             batch = _Batch(self, [row for _, row, _ in live], [prefix for _, _, prefix in live])
             logits = batch.feed().repeat_interleave(n, dim=0)
             batch.repeat(n)
-            batch.rows = [_Row(_copy_sample(row.sample), pending=[], segment=list(row.segment),
+            batch.rows = [_Row(copy_sample(row.sample), pending=[], segment=list(row.segment),
                                fed=row.fed, rng=_row_generator(seed, g * n + j), index=g * n + j)
                           for g, row, _ in live for j in range(n)]
             while True:
@@ -545,6 +385,7 @@ class HFEngine:
                     r.sample.response_ids.append(t)
                     r.sample.response_mask.append(1)
                     r.sample.response_logprobs.append(lp)
+                    r.segment.append(t)
                     r.pending, r.sampled_pending = [t], True
                 self._decide(batch.rows, sampling, tools)
                 keep = []

@@ -20,6 +20,7 @@ __all__ = ["TreeLayout", "flex_tree_attention", "tree_attention"]
 
 
 def _impl(backend: str):
+    """The module of `backend`: forward, backward and metadata(layout) (cached in layout.cache)."""
     if backend == "triton":
         from appo_kernels.tree import triton as impl
 
@@ -27,12 +28,15 @@ def _impl(backend: str):
     return reference
 
 
+def _select_backend(dtype: Optional[torch.dtype], device: torch.device) -> str:
+    # float64 (gradcheck) always runs the reference
+    return "torch" if dtype == torch.float64 else _backend.select(device, has_cuda_kernel=False)
+
+
 @torch.library.custom_op("appo::tree_attention", mutates_args=())
 def _tree_attention_op(q: Tensor, k: Tensor, v: Tensor, subtree_end: Tensor, meta: list[Tensor],
                        scale: float, deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        return _impl(backend).forward(q, k, v, subtree_end, meta, scale)
-    return reference.forward(q, k, v, subtree_end, scale)
+    return _impl(backend).forward(q, k, v, subtree_end, meta, scale)
 
 
 @_tree_attention_op.register_fake
@@ -48,10 +52,8 @@ def _tree_attention_backward_op(
     grad_lse: Optional[Tensor], subtree_end: Tensor, meta: list[Tensor], scale: float,
     deterministic: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return _impl(backend).backward(q, k, v, out, lse, grad_out, grad_lse, subtree_end, meta,
-                                       scale, deterministic)
-    return reference.backward(q, k, v, out, lse, grad_out, grad_lse, subtree_end, scale)
+    return _impl(backend).backward(q, k, v, out, lse, grad_out, grad_lse, subtree_end, meta,
+                                   scale, deterministic)
 
 
 @_tree_attention_backward_op.register_fake
@@ -109,12 +111,12 @@ def tree_attention(q: Tensor, k: Tensor, v: Tensor, layout: TreeLayout, *,
     """
     _check_attention_args(q, k, v, layout, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = "torch" if q.dtype == torch.float64 else _backend.select(q.device,
-                                                                       has_cuda_kernel=False)
-    if backend == "triton" and torch.compiler.is_compiling() and "triton" not in layout.cache:
-        raise RuntimeError("tree_attention under torch.compile needs the layout's kernel "
-                           "metadata built first: call layout.prepare() outside the compiled code")
-    meta = _impl(backend).metadata(layout) if backend == "triton" else []
+    backend = _select_backend(q.dtype, q.device)
+    if torch.compiler.is_compiling() and backend not in layout.cache:
+        raise RuntimeError(f"tree_attention under torch.compile needs the layout's {backend} "
+                           f"metadata built first: call layout.prepare({q.dtype}) outside the "
+                           f"compiled code")
+    meta = _impl(backend).metadata(layout)
     out, lse = _tree_attention_op(q, k, v, layout.subtree_end, meta, scale, deterministic,
                                   backend)
     return (out, lse) if return_lse else out

@@ -10,7 +10,7 @@ over the depths (O(N log N) work, log N steps, no loop over tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -70,6 +70,22 @@ def _next_not_deeper(table: list[Tensor], depth: Tensor) -> Tensor:
     return pos
 
 
+def _kth_ancestor(parent: Tensor, node: Tensor, k: Tensor) -> Tensor:
+    """The k-th ancestor of each node (k ≤ depth), by binary lifting over the bits of k."""
+    up = parent
+    for level in range(int(k.max()).bit_length() if k.numel() else 0):
+        node = torch.where((k >> level) & 1 == 1, up[node], node)
+        up = torch.where(up >= 0, up[up.clamp_min(0)], up)
+    return node
+
+
+def _ragged_ranks(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """For counts c_g: the owner g and rank r of every item (g, r < c_g), in order."""
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    return owner, torch.arange(owner.numel(), device=counts.device) - first[owner]
+
+
 @dataclass(frozen=True, eq=False)
 class TreeLayout:
     """A packed token forest in DFS pre-order.
@@ -84,7 +100,7 @@ class TreeLayout:
     depth: Tensor
     subtree_end: Tensor
     n_tokens: int
-    # per-backend kernel metadata (tile lists), computed once per layout on first use
+    # per-backend metadata (tile or unit lists), computed once per layout on first use
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -172,15 +188,13 @@ class TreeLayout:
         paths = [order[torch.tensor(p, dtype=torch.long)] for p in trie_paths]
         return cls.from_parents(parent), token_ids, paths
 
-    def prepare(self) -> "TreeLayout":
-        """Build the kernel metadata (tile lists) of the backend that will run on this layout's
-        device now, so that later calls, also inside torch.compile, only read it."""
-        from appo_kernels import _backend
+    def prepare(self, dtype: Optional[torch.dtype] = None) -> "TreeLayout":
+        """Build the metadata (tile or unit lists) of the backend that will run tree_attention on
+        inputs of `dtype` (None: any but float64) on this layout's device now, so that later calls,
+        also inside torch.compile, only read it."""
+        from appo_kernels.tree import _impl, _select_backend
 
-        if _backend.select(self.device, has_cuda_kernel=False) == "triton":
-            from appo_kernels.tree import triton
-
-            triton.metadata(self)
+        _impl(_select_backend(dtype, self.device)).metadata(self)
         return self
 
     def to(self, device) -> "TreeLayout":

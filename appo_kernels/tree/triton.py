@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from appo_kernels._backend import new_output, triton_interpret
-from appo_kernels.tree.layout import TreeLayout, _depths
+from appo_kernels.tree.layout import TreeLayout, _depths, _kth_ancestor, _ragged_ranks
 
 NEG_INF: tl.constexpr = float("-inf")
 LOG2E: tl.constexpr = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x·log2 e)
@@ -88,22 +88,6 @@ def _config(head_dim: int, dtype: torch.dtype) -> _Config:
 
 # ------------------------------------------------------------------------------------------------
 # metadata: tile lists, computed once per layout with vectorised torch ops
-
-
-def _kth_ancestor(parent: Tensor, node: Tensor, k: Tensor) -> Tensor:
-    """The k-th ancestor of each node (k < depth), by binary lifting over the bits of k."""
-    up = parent
-    for level in range(int(k.max()).bit_length() if k.numel() else 0):
-        node = torch.where((k >> level) & 1 == 1, up[node], node)
-        up = torch.where(up >= 0, up[up.clamp_min(0)], up)
-    return node
-
-
-def _ragged_ranks(counts: Tensor) -> tuple[Tensor, Tensor]:
-    """For counts c_g: the owner g and rank r of every item (g, r < c_g), in order."""
-    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    first = torch.cumsum(counts, 0) - counts
-    return owner, torch.arange(owner.numel(), device=counts.device) - first[owner]
 
 
 def _tiles(starts: Tensor, ends: Tensor, tile: int) -> tuple[Tensor, Tensor, Tensor]:
