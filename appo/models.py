@@ -43,7 +43,9 @@ DEFAULT_CONFIG = dict(
     num_attention_heads=2,
     num_key_value_heads=2,
     head_dim=64,  # vLLM's CPU attention needs >= 64 (SPEC issue 5)
-    num_hidden_layers=4,
+    # two layers learn the calc scratchpad (copy with one substitution) in fewer steps than four,
+    # at half the cost per step (measured: 12% vs 2% greedy accuracy after 400 warm-start steps)
+    num_hidden_layers=2,
     intermediate_size=384,
     max_position_embeddings=2048,
     rope_theta=10000.0,

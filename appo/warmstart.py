@@ -4,10 +4,16 @@ still far from solving the task. Kept deliberately short: RL needs room to impro
 
 The loss covers the model's own tokens of each demonstration and its end-of-sequence token;
 tool results (`<result>...</result>`) are masked out, as they are in rollouts.
+
+`slip_rate`: the share of demonstrations whose numeric final answer is replaced by a near miss
+(the right number ± 1..9) while the work before it stays right. The warm-started policy then
+sometimes writes a wrong answer after a correct computation: a known, deliberate weakness that
+a reward can fix, so a short RL run has room to show. 0 gives clean demonstrations.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -18,18 +24,31 @@ from appo.prompting import encode_prompt
 from appo.rollout.format import RESULT_CLOSE, RESULT_OPEN
 from appo_kernels import token_stats
 
+_ANSWER_RE = re.compile(r"(<answer>)(-?\d+)(</answer>\s*)$")
 _RESULT_RE = re.compile(re.escape(RESULT_OPEN) + ".*?" + re.escape(RESULT_CLOSE), re.S)
 
 
 @dataclass(frozen=True)
 class WarmStartConfig:
-    steps: int = 60
+    # ~600 steps take the 2-layer default model to ~30% greedy accuracy on calc (2-4 operations)
+    steps: int = 600
     batch_size: int = 16
     lr: float = 3e-3
-    warmup_steps: int = 5
+    warmup_steps: int = 20
+    slip_rate: float = 0.0
+    final_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+
+
+def lr_factor(step: int, config: WarmStartConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to `final_lr_ratio` x lr at the end."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.final_lr_ratio + (1 - config.final_lr_ratio) * cosine
 
 
 def encode_demonstration(tokenizer, prompt_ids: list[int], response: str) -> tuple[list[int],
@@ -54,6 +73,16 @@ def encode_demonstration(tokenizer, prompt_ids: list[int], response: str) -> tup
     return ids, mask
 
 
+def slip_answer(response: str, rng: random.Random) -> str:
+    """The response with its final integer answer moved by ± 1..9 (unchanged when the answer is
+    not an integer at the very end)."""
+    match = _ANSWER_RE.search(response)
+    if match is None:
+        return response
+    wrong = int(match.group(2)) + rng.choice([-1, 1]) * rng.randint(1, 9)
+    return response[:match.start()] + f"{match.group(1)}{wrong}{match.group(3)}"
+
+
 def _batch(examples, pad_id: int, device):
     width = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -75,8 +104,7 @@ def warm_start(model, tokenizer, task, config: WarmStartConfig = WarmStartConfig
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.train()
@@ -86,8 +114,10 @@ def warm_start(model, tokenizer, task, config: WarmStartConfig = WarmStartConfig
         examples = []
         for problem in rng.sample(problems, min(config.batch_size, len(problems))):
             prompt_ids = encode_prompt(tokenizer, problem.prompt)
-            examples.append(encode_demonstration(tokenizer, prompt_ids,
-                                                 task.demonstration(problem, rng)))
+            response = task.demonstration(problem, rng)
+            if config.slip_rate and rng.random() < config.slip_rate:
+                response = slip_answer(response, rng)
+            examples.append(encode_demonstration(tokenizer, prompt_ids, response))
         ids, loss_mask, attention = _batch(examples, pad_id, device)
         logits = model(input_ids=ids, attention_mask=attention).logits
         # the logits at position t predict token t + 1

@@ -178,9 +178,9 @@ CALL = "<calculator>3+4*3</calculator><result>15</result>"
 
 def test_calc_demonstration_example():
     assert CalcTask().demonstration(PROBLEM, random.Random(0)) == (
-        "<calculator>5-2</calculator><result>3</result>"
-        "<calculator>4*3</calculator><result>12</result>"
-        "<calculator>3+12</calculator><result>15</result><answer>15</answer>")
+        "3 + 4 * (5 - 2)<calculator>5-2</calculator><result>3</result>"
+        "3 + 4 * 3<calculator>4*3</calculator><result>12</result>"
+        "3 + 12<calculator>3+12</calculator><result>15</result><answer>15</answer>")
 
 
 @pytest.mark.parametrize("response, reward", [

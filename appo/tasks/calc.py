@@ -118,7 +118,11 @@ class CalcTask(Task):
 
     def demonstration(self, problem: Problem, rng: random.Random) -> str:
         """One calculator call per operation, each on operands that are already numbers; `rng`
-        picks which of the ready operations goes next. Results come from the registered
+        picks which of the ready operations goes next. Before each call the demonstration writes
+        the expression still to compute (first the problem's, then after each result the same
+        expression with that operation replaced by its value), so every call and the answer are
+        read off the text just before them: a scratchpad that a small model learns to follow far
+        sooner than tracking the remaining expression unwritten. Results come from the registered
         calculator, exactly as the rollout's tool loop would append them."""
         if "expression" not in problem.meta:
             raise ValueError("demonstration needs a calc problem (meta['expression'] is missing)")
@@ -130,7 +134,8 @@ class CalcTask(Task):
             op, left, right = _at(tree, path)
             step = f"{left}{op}{right}"
             result = calculator(step)
-            parts.append(f"<calculator>{step}</calculator>{format_tool_result(result)}")
+            parts.append(f"{_render(tree)}<calculator>{step}</calculator>"
+                         f"{format_tool_result(result)}")
             tree = _replace(tree, path, int(result))
         parts.append(f"<answer>{tree}</answer>")
         return "".join(parts)
