@@ -42,9 +42,6 @@ class ModelConfig:
     # supervised warm start (appo.warmstart) before RL; None: its default length for the
     # embedded model, none for others
     warm_start_steps: Optional[int] = None
-    # the share of warm-start demonstrations with a near-miss final answer (appo.warmstart): the
-    # weakness a short RL run can fix
-    warm_start_slip_rate: float = 0.5
 
 
 @dataclass
@@ -191,8 +188,6 @@ class Config:
             ("trainer.test_freq", self.trainer.test_freq >= 0, ">= 0 (0: first and last only)"),
             ("trainer.save_freq", self.trainer.save_freq >= 0, ">= 0 (0: last only)"),
             ("algorithm.arpo_entropy_tokens", self.algorithm.arpo_entropy_tokens >= 1, ">= 1"),
-            ("actor_rollout_ref.model.warm_start_slip_rate",
-             0 <= self.model.warm_start_slip_rate < 1, "in [0, 1)"),
         ]
         for key, ok, expected in checks:
             if not ok:

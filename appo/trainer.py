@@ -449,8 +449,7 @@ class Trainer:
         if steps > 0:
             from appo.warmstart import WarmStartConfig, warm_start
 
-            warm = replace(WarmStartConfig(), steps=steps, seed=cfg.trainer.seed,
-                           slip_rate=cfg.model.warm_start_slip_rate)
+            warm = replace(WarmStartConfig(), steps=steps, seed=cfg.trainer.seed)
             warm_start(model, tokenizer, self.task, warm, progress=cfg.trainer.progress)
             self._save_model(model, tokenizer, self.out / WARM_START_DIR)
         return model.eval(), tokenizer

@@ -4,11 +4,6 @@ still far from solving the task. Kept deliberately short: RL needs room to impro
 
 The loss covers the model's own tokens of each demonstration and its end-of-sequence token;
 tool results (`<result>...</result>`) are masked out, as they are in rollouts.
-
-`slip_rate`: the share of demonstrations whose numeric final answer is replaced by a near miss
-(the right number ± 1..9) while the work before it stays right. The warm-started policy then
-sometimes writes a wrong answer after a correct computation: a known, deliberate weakness that
-a reward can fix, so a short RL run has room to show. 0 gives clean demonstrations.
 """
 
 from __future__ import annotations
@@ -24,7 +19,6 @@ from appo.prompting import encode_prompt
 from appo.rollout.format import RESULT_CLOSE, RESULT_OPEN
 from appo_kernels import token_stats
 
-_ANSWER_RE = re.compile(r"(<answer>)(-?\d+)(</answer>\s*)$")
 _RESULT_RE = re.compile(re.escape(RESULT_OPEN) + ".*?" + re.escape(RESULT_CLOSE), re.S)
 
 
@@ -35,7 +29,6 @@ class WarmStartConfig:
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 20
-    slip_rate: float = 0.0
     final_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -73,16 +66,6 @@ def encode_demonstration(tokenizer, prompt_ids: list[int], response: str) -> tup
     return ids, mask
 
 
-def slip_answer(response: str, rng: random.Random) -> str:
-    """The response with its final integer answer moved by ± 1..9 (unchanged when the answer is
-    not an integer at the very end)."""
-    match = _ANSWER_RE.search(response)
-    if match is None:
-        return response
-    wrong = int(match.group(2)) + rng.choice([-1, 1]) * rng.randint(1, 9)
-    return response[:match.start()] + f"{match.group(1)}{wrong}{match.group(3)}"
-
-
 def _batch(examples, pad_id: int, device):
     width = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -114,10 +97,8 @@ def warm_start(model, tokenizer, task, config: WarmStartConfig = WarmStartConfig
         examples = []
         for problem in rng.sample(problems, min(config.batch_size, len(problems))):
             prompt_ids = encode_prompt(tokenizer, problem.prompt)
-            response = task.demonstration(problem, rng)
-            if config.slip_rate and rng.random() < config.slip_rate:
-                response = slip_answer(response, rng)
-            examples.append(encode_demonstration(tokenizer, prompt_ids, response))
+            examples.append(encode_demonstration(tokenizer, prompt_ids,
+                                                 task.demonstration(problem, rng)))
         ids, loss_mask, attention = _batch(examples, pad_id, device)
         logits = model(input_ids=ids, attention_mask=attention).logits
         # the logits at position t predict token t + 1

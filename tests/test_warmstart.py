@@ -7,7 +7,7 @@ import torch
 from appo.models import load_default
 from appo.prompting import encode_prompt
 from appo.tasks import get_task
-from appo.warmstart import WarmStartConfig, encode_demonstration, slip_answer, warm_start
+from appo.warmstart import WarmStartConfig, encode_demonstration, warm_start
 
 
 def test_demonstration_masks_prompt_and_tool_results():
@@ -41,23 +41,3 @@ def test_warm_start_lowers_the_loss():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not model.training  # restored to eval mode
 
-
-def test_slip_answer_moves_only_the_final_integer_answer():
-    rng = random.Random(0)
-    text = "3 + 4<calculator>3+4</calculator><result>7</result><answer>7</answer>"
-    for _ in range(50):
-        slipped = slip_answer(text, rng)
-        head, answer = slipped.split("<answer>")
-        assert head == text.split("<answer>")[0]
-        value = int(answer.removesuffix("</answer>"))
-        assert 1 <= abs(value - 7) <= 9
-    for unchanged in ("<answer>7.5</answer>", "<answer>7</answer> trailing", "no answer"):
-        assert slip_answer(unchanged, rng) == unchanged
-
-
-def test_slipped_demonstrations_still_teach_the_format():
-    task = get_task("calc")
-    problem = task.split("train")[0]
-    rng = random.Random(0)
-    slipped = slip_answer(task.demonstration(problem, rng), rng)
-    assert task.reward(slipped, problem) == 0.0  # well-formed, wrong answer
