@@ -27,7 +27,7 @@ class DataConfig:
 
     task: str = "calc"
     task_options: dict = field(default_factory=dict)  # keyword arguments of the task's factory
-    train_batch_size: int = 8  # prompts per step
+    train_batch_size: int = 16  # prompts per step
     # response tokens, model and tool tokens together (the calc demonstrations need up to ~290)
     max_response_length: int = 320
     val_size: int = 200  # held-out problems per evaluation (at most the eval split's size)
@@ -48,8 +48,9 @@ class ModelConfig:
 class OptimConfig:
     """verl's `actor_rollout_ref.actor.optim.*` (AdamW)."""
 
-    lr: float = 1e-4  # for the tiny default model (3e-4 already collapses it); real models want
-    # about 1e-6 (SPEC §3.6)
+    # for the tiny default model (measured: 1e-4 stays flat over 30 steps, 2e-4 with 16 prompts a
+    # step gains, 3e-4 with 8 prompts collapses it); real models want about 1e-6 (SPEC §3.6)
+    lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.99)
     lr_warmup_steps: int = 0
@@ -63,7 +64,7 @@ class ActorConfig:
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     ppo_epochs: int = 1
-    ppo_mini_batch_size: int = 4  # prompts per optimizer step (all of a prompt's sequences)
+    ppo_mini_batch_size: int = 8  # prompts per optimizer step (all of a prompt's sequences)
     ppo_max_token_len_per_gpu: int = 16384  # token budget of one micro-batch (packed tree tokens)
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.28
