@@ -2,12 +2,13 @@
 
 import random
 
+import pytest
 import torch
 
 from appo.models import load_default
 from appo.prompting import encode_prompt
 from appo.tasks import get_task
-from appo.warmstart import WarmStartConfig, encode_demonstration, warm_start
+from appo.warmstart import WarmStartConfig, encode_demonstration, lr_factor, warm_start
 
 
 def test_demonstration_masks_prompt_and_tool_results():
@@ -41,3 +42,11 @@ def test_warm_start_lowers_the_loss():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not model.training  # restored to eval mode
 
+
+def test_lr_warms_up_then_decays_to_the_final_ratio():
+    config = WarmStartConfig(steps=100, warmup_steps=10, final_lr_ratio=0.1)
+    factors = [lr_factor(step, config) for step in range(config.steps)]
+    assert factors[:10] == [pytest.approx((s + 1) / 10) for s in range(10)]
+    assert factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # cosine: never rises again
+    assert lr_factor(config.steps, config) == pytest.approx(0.1)
