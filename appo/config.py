@@ -42,6 +42,9 @@ class ModelConfig:
     # supervised warm start (appo.warmstart) before RL; None: its default length for the
     # embedded model, none for others
     warm_start_steps: Optional[int] = None
+    # share of warm-start demonstrations that answer without the tool; None: the warm start's
+    # default (appo.warmstart.WarmStartConfig)
+    warm_start_direct_share: Optional[float] = None
 
 
 @dataclass
@@ -193,6 +196,10 @@ class Config:
         for key, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{key} must be {expected}, got {_lookup(self, key)!r}")
+        share = self.model.warm_start_direct_share
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise ValueError(f"actor_rollout_ref.model.warm_start_direct_share must be None or in "
+                             f"[0, 1], got {share!r}")
         low, high = self.algorithm.omega_clip
         if not 0 < low <= 1 <= high:
             raise ValueError(f"algorithm.omega_clip must be (low, high) with 0 < low <= 1 <= high, "

@@ -363,6 +363,10 @@ class Trainer:
             "accuracy": float((rewards >= 1).float().mean()),
             "bad_format": float((rewards <= -1).float().mean()),
             "entropy_mean": float((old.entropy * init.mask).sum() / max(1, model_tokens)),
+            # engine vs trainer log-probs of the same tokens under the same weights: ~0 unless
+            # the two disagree (misaligned tokens, another temperature, lower-precision sampling)
+            "rollout_logprob_gap": float(((old.logprob - init.rollout_logprob).abs()
+                                          * init.mask).sum() / max(1, model_tokens)),
             "response_length_mean": float(init.lengths.float().mean()),
             "tool_calls_mean": float(np.mean([s.n_tool_calls for s in init.samples])),
             "branches": 0 if branches is None else len(branches),
@@ -425,7 +429,8 @@ class Trainer:
         result = evaluate(self.engine, self.task, self.tokenizer, n_problems=cfg.data.val_size,
                           sampling=sampling, instructions=self.task.instructions)
         return {"eval_accuracy": result.accuracy, "eval_reward": result.mean_reward,
-                "eval_bad_format": result.format_error_rate, "eval_n": result.n}
+                "eval_bad_format": result.format_error_rate,
+                "eval_tool_calls": result.mean_tool_calls, "eval_n": result.n}
 
     # ------------------------------------------------------------------------------------------
     # models, engine, checkpoints
@@ -450,6 +455,8 @@ class Trainer:
             from appo.warmstart import WarmStartConfig, warm_start
 
             warm = replace(WarmStartConfig(), steps=steps, seed=cfg.trainer.seed)
+            if cfg.model.warm_start_direct_share is not None:
+                warm = replace(warm, direct_share=cfg.model.warm_start_direct_share)
             warm_start(model, tokenizer, self.task, warm, progress=cfg.trainer.progress)
             self._save_model(model, tokenizer, self.out / WARM_START_DIR)
         return model.eval(), tokenizer

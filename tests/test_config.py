@@ -68,6 +68,7 @@ def test_bad_overrides_name_the_key(override, message):
     ("actor_rollout_ref.actor.ppo_mini_batch_size", 99, "ppo_mini_batch_size must be in"),
     ("algorithm.omega_clip", [1.2, 0.8], "omega_clip"),
     ("actor_rollout_ref.rollout.name", "sglang", "rollout.name must be one of"),
+    ("actor_rollout_ref.model.warm_start_direct_share", 1.5, "warm_start_direct_share"),
 ])
 def test_validate_names_the_key(key, value, message):
     config = from_dict({key: value})

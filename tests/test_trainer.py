@@ -136,6 +136,8 @@ def test_each_algorithm_runs_a_step(env, tmp_path, algo):
                 "kl_ref_mean", "grad_norm", "tokens_per_s", "tree_tokens"):
         assert key in record and record[key] == record[key], key  # present, not NaN
     assert record["tree_tokens"] <= record["unrolled_tokens"]
+    # the engine sampled with the weights the trainer scored with: the same log-probs
+    assert record["rollout_logprob_gap"] < 1e-4
     assert 0 < record["entropy_mean"] <= torch.log(torch.tensor(float(trainer.vocab_size)))
     changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     assert changed
@@ -192,6 +194,7 @@ def test_a_run_leaves_metrics_plots_rollouts_and_checkpoints(env, tmp_path):
     records = read(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
     assert "eval_accuracy" in records[0] and "eval_accuracy" in records[2]
+    assert records[0]["eval_tool_calls"] >= 0
     for name in ("reward.png", "accuracy.png", "entropy.png", "kl.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
     html = (out / "rollouts.html").read_text()
@@ -276,6 +279,8 @@ def test_vllm_engine_trains(env, tmp_path):
     assert result.step == 1 and result.eval_after is not None
     record = read(tmp_path / "run" / "metrics.jsonl")[1]
     assert record["branches"] == 4
+    # vLLM's kernels round differently from transformers' forward (tests/test_vllm_engine.py)
+    assert record["rollout_logprob_gap"] < 1e-3
     assert trainer.engine.stats["cached_tokens"] > 0  # forks read their parents' cached prefix
 
 
@@ -302,3 +307,15 @@ def test_model_path_trains_any_local_causal_lm(env, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         Trainer(tiny(tmp_path / "run2", f"actor_rollout_ref.model.path={tmp_path / 'nope'}"),
                 log=lambda *_: None)
+
+
+def test_warm_start_options_reach_the_warm_start(tmp_path, env, monkeypatch):
+    import appo.warmstart
+
+    seen = []
+    monkeypatch.setattr(appo.warmstart, "warm_start",
+                        lambda model, tokenizer, task, config, progress: seen.append(config))
+    Trainer(tiny(tmp_path / "run", "actor_rollout_ref.model.warm_start_steps=3",
+                 "actor_rollout_ref.model.warm_start_direct_share=0.25", "trainer.seed=5"),
+            log=lambda *_: None)
+    assert seen == [appo.warmstart.WarmStartConfig(steps=3, direct_share=0.25, seed=5)]

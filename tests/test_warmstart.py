@@ -50,3 +50,50 @@ def test_lr_warms_up_then_decays_to_the_final_ratio():
     assert factors[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # cosine: never rises again
     assert lr_factor(config.steps, config) == pytest.approx(0.1)
+
+
+class _CountingCalc:
+    """The calc task, counting which kind of response the warm start asked for."""
+
+    def __init__(self):
+        self.task = get_task("calc")
+        self.demonstrations = self.direct = 0
+
+    def split(self, name):
+        return self.task.split(name)
+
+    def demonstration(self, problem, rng):
+        self.demonstrations += 1
+        return self.task.demonstration(problem, rng)
+
+    def direct_answer(self, problem):
+        self.direct += 1
+        return self.task.direct_answer(problem)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_direct_share_mixes_answer_only_demonstrations(share):
+    model, tokenizer = load_default()
+    task = _CountingCalc()
+    warm_start(model, tokenizer, task,
+               WarmStartConfig(steps=3, batch_size=16, direct_share=share), progress=False)
+    assert task.demonstrations + task.direct == 48
+    if share == 0.0:
+        assert task.direct == 0
+    elif share == 1.0:
+        assert task.demonstrations == 0
+    else:  # Binomial(48, 0.5): outside [10, 38] has probability < 1e-4 (and the seed is fixed)
+        assert 10 <= task.direct <= 38
+
+
+def test_direct_answer_is_well_formed_and_uses_no_tool():
+    task = get_task("calc")
+    problem = task.split("eval")[0]
+    text = task.direct_answer(problem)
+    assert text == f"<answer>{problem.answer}</answer>" and task.reward(text, problem) == 1.0
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_direct_share_out_of_range_is_refused(share):
+    with pytest.raises(ValueError, match="direct_share"):
+        WarmStartConfig(direct_share=share)

@@ -50,6 +50,11 @@ class Task(ABC):
         raise NotImplementedError(
             f"task {self.name!r} has no demonstrations, so it cannot be used for a warm start")
 
+    def direct_answer(self, problem: Problem) -> str:
+        """A response that states the answer at once, with no tool call: what a model writes when
+        it answers from memory. The warm start mixes these in (`WarmStartConfig.direct_share`)."""
+        return f"{ANSWER_OPEN}{problem.answer}{ANSWER_CLOSE}"
+
     @staticmethod
     def _check_split(name: str) -> None:
         if name not in SPLITS:
