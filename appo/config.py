@@ -192,14 +192,13 @@ class Config:
             ("trainer.test_freq", self.trainer.test_freq >= 0, ">= 0 (0: first and last only)"),
             ("trainer.save_freq", self.trainer.save_freq >= 0, ">= 0 (0: last only)"),
             ("algorithm.arpo_entropy_tokens", self.algorithm.arpo_entropy_tokens >= 1, ">= 1"),
+            ("actor_rollout_ref.model.warm_start_direct_share",
+             self.model.warm_start_direct_share is None
+             or 0.0 <= self.model.warm_start_direct_share <= 1.0, "None or in [0, 1]"),
         ]
         for key, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{key} must be {expected}, got {_lookup(self, key)!r}")
-        share = self.model.warm_start_direct_share
-        if share is not None and not 0.0 <= share <= 1.0:
-            raise ValueError(f"actor_rollout_ref.model.warm_start_direct_share must be None or in "
-                             f"[0, 1], got {share!r}")
         low, high = self.algorithm.omega_clip
         if not 0 < low <= 1 <= high:
             raise ValueError(f"algorithm.omega_clip must be (low, high) with 0 < low <= 1 <= high, "

@@ -356,17 +356,16 @@ class Trainer:
 
     def _rollout_metrics(self, init: RolloutSet, branches, old, times) -> dict:
         rewards = init.rewards
-        model_tokens = int(init.mask.sum())
+        model_mean = _masked_mean(init.mask)
         generated = int(init.cu_seqlens[-1]) + (0 if branches is None else _new_tokens(branches))
         record = {
             "reward_mean": float(rewards.mean()),
             "accuracy": float((rewards >= 1).float().mean()),
             "bad_format": float((rewards <= -1).float().mean()),
-            "entropy_mean": float((old.entropy * init.mask).sum() / max(1, model_tokens)),
+            "entropy_mean": float(model_mean(old.entropy)),
             # engine vs trainer log-probs of the same tokens under the same weights: ~0 unless
             # the two disagree (misaligned tokens, another temperature, lower-precision sampling)
-            "rollout_logprob_gap": float(((old.logprob - init.rollout_logprob).abs()
-                                          * init.mask).sum() / max(1, model_tokens)),
+            "rollout_logprob_gap": float(model_mean((old.logprob - init.rollout_logprob).abs())),
             "response_length_mean": float(init.lengths.float().mean()),
             "tool_calls_mean": float(np.mean([s.n_tool_calls for s in init.samples])),
             "branches": 0 if branches is None else len(branches),
