@@ -6,12 +6,15 @@ seed on first use and caches it as an ordinary Hugging Face directory (`config.j
 `AutoTokenizer.from_pretrained(dir)` and vLLM load it like any other checkpoint.
 
 - Tokenizer: one token per character of printable ASCII (0x20-0x7E) and newline, plus the special
-  tokens `<pad>` (0), `<bos>` (1), `<eos>` (2), `<unk>` (3, for any other character). Encoding a
-  text prepends `<bos>` (as Llama tokenizers do); `add_special_tokens=False` leaves it out.
+  tokens `<pad>` (0), `<bos>` (1), `<eos>` (2), `<unk>` (3, for any other character), plus one
+  token for each tag of the tool protocol (`TAG_TOKENS`: `<calculator>`, `</calculator>`,
+  `<python>`, ..., `</answer>`), matched wherever the exact tag appears. Encoding a text prepends
+  `<bos>` (as Llama tokenizers do); `add_special_tokens=False` leaves it out. Decoding gives the
+  text back exactly.
 - Model: Llama architecture with head_dim 64 (vLLM's CPU attention rejects smaller head sizes),
-  2 heads x 64 = hidden 128, 4 layers, MLP 384, about 0.9M parameters. The embeddings are untied:
-  with a 100-token vocabulary tying saves nothing worth having, and untied weights keep the RL
-  update of the output layer from moving the input embeddings.
+  4 heads x 64 over hidden 128, 2 layers, MLP 384, about 0.59M parameters. The embeddings are
+  untied: with a 108-token vocabulary tying saves nothing worth having, and untied weights keep
+  the RL update of the output layer from moving the input embeddings.
 - Cache: `$APPO_CACHE` (default `~/.cache/appo`) / `default-<hash>`, the hash covering the model
   config, the vocabulary, the seed and `FORMAT_VERSION`, so a changed recipe never reuses stale
   files. A directory is built in a temporary sibling and renamed into place, so a crash or a
@@ -31,22 +34,25 @@ from typing import Optional
 
 import torch
 
-FORMAT_VERSION = 1  # bump when the build recipe changes in a way the config does not show
+FORMAT_VERSION = 2  # bump when the build recipe changes in a way the config does not show
 DEFAULT_SEED = 0
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD, BOS, EOS, UNK = SPECIAL_TOKENS
 CHARS = "\n" + "".join(chr(c) for c in range(0x20, 0x7F))  # newline + printable ASCII
+# the tool protocol's tags, one token each (as chat models give their tool-call markers their own
+# tokens): they are 70% of the characters of a calc demonstration, so spelling them out character
+# by character made sequences 2.4x longer and left the model room to misspell the format
+TAG_TOKENS = tuple(f"<{slash}{name}>" for name in ("calculator", "python", "result", "answer")
+                   for slash in ("", "/"))
 
 DEFAULT_CONFIG = dict(
     hidden_size=128,
-    # two heads of 64. Four (q/o projections 128 <-> 256) made the warm start's copying form more
-    # reliably (seeds 1 and 2: 31.5% and 29.5% greedy after 600 steps; with two, seed 1 reached
-    # 7% and seed 0 42.5%), but cost 1.3x per warm-start step and ~1.8x per rollout on one
-    # thread, which breaks the 10-minute budget of `appo train`, and RL from those warm starts
-    # lost accuracy (docs/training.md)
-    num_attention_heads=2,
-    num_key_value_heads=2,
+    # four heads of 64 (q/o projections 128 <-> 256): with two, the warm start's copying formed
+    # for some seeds only (measured with the default warm start: held-out accuracy after RL
+    # 10% for seed 0 with two heads, 56% with four; docs/training.md)
+    num_attention_heads=4,
+    num_key_value_heads=4,
     head_dim=64,  # vLLM's CPU attention needs >= 64 (SPEC issue 5)
     # two layers learn the calc scratchpad (copy with one substitution) in fewer steps than four,
     # at half the cost per step (measured: 12% vs 2% greedy accuracy after 400 warm-start steps)
@@ -60,17 +66,23 @@ DEFAULT_CONFIG = dict(
 )
 
 
-def vocabulary() -> dict[str, int]:
-    return {token: i for i, token in enumerate(list(SPECIAL_TOKENS) + list(CHARS))}
+def vocabulary(tags: bool = True) -> dict[str, int]:
+    """Token -> id: the special tokens, the characters, then (with `tags`) the protocol tags."""
+    tokens = list(SPECIAL_TOKENS) + list(CHARS) + (list(TAG_TOKENS) if tags else [])
+    return {token: i for i, token in enumerate(tokens)}
 
 
-def char_tokenizer():
-    """The character-level tokenizer as a `transformers` fast tokenizer (not saved anywhere)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+def char_tokenizer(tags: bool = True):
+    """The character-level tokenizer as a `transformers` fast tokenizer (not saved anywhere);
+    `tags=False` leaves out the tag tokens, so every character of every text is one token."""
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers,
+                            processors)
     from transformers import PreTrainedTokenizerFast
 
-    vocab = vocabulary()
+    vocab = vocabulary(tags)
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    if tags:  # added tokens are matched in the raw text before the split into characters
+        tok.add_tokens([AddedToken(tag, normalized=False) for tag in TAG_TOKENS])
     # every character is its own pre-token ([\s\S] also matches newline, which "." would not)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()  # concatenate the characters back, no separators

@@ -23,7 +23,7 @@ SCRIPT = {"<": {TOOL: 7.3, "/": 7.6}, "/": {TOOL: 8.0}, TOOL: {">": 8.0}, ">": {
 
 
 def scripted_llama(hidden=64, layers=2, mixing=1.0, seed=0, script=SCRIPT):
-    vocab = vocabulary()
+    vocab = vocabulary(tags=False)
     config = transformers.LlamaConfig(
         vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
@@ -49,4 +49,4 @@ def scripted_llama(hidden=64, layers=2, mixing=1.0, seed=0, script=SCRIPT):
 
 
 def tokenizer():
-    return char_tokenizer()
+    return char_tokenizer(tags=False)

@@ -70,7 +70,11 @@ def test_counts_exact_matches_format_errors_and_wrong_answers(tokenizer):
     assert result.accuracy == 2 / 4 and result.format_error_rate == 1 / 4
     assert result.mean_reward == pytest.approx((1 + 1 + 0 - 1) / 4)
     assert result.mean_tool_calls == 2 / 4
-    lengths = [sum(len(piece) for piece, _ in respond(p.prompt, 0)) + 1 for p in problems]  # + EOS
+    def n_tokens(text):
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    lengths = [sum(n_tokens(piece) for piece, _ in respond(p.prompt, 0)) + 1  # + EOS
+               for p in problems]
     assert result.mean_response_len == pytest.approx(sum(lengths) / 4)
 
 
@@ -126,7 +130,7 @@ def reverse(arguments: str) -> str:
 
 @pytest.fixture(scope="module")
 def scripted_engine():
-    return HFEngine(scripted_llama().to(DEVICE), char_tokenizer(), tools={TOOL: reverse})
+    return HFEngine(scripted_llama().to(DEVICE), char_tokenizer(tags=False), tools={TOOL: reverse})
 
 
 def test_real_engine_matches_scoring_its_samples(scripted_engine, tokenizer):

@@ -26,7 +26,7 @@ LOGPROB_ATOL = 1e-5  # cached decoding against one full float32 forward
 
 
 def scripted_under_test() -> EngineUnderTest:
-    model, tok = scripted_llama().to(DEVICE), models.char_tokenizer()
+    model, tok = scripted_llama().to(DEVICE), models.char_tokenizer(tags=False)
     # each engine serves its own copy: update_weights loads into the served model
     return EngineUnderTest(model, tok, lambda **kw: HFEngine(copy.deepcopy(model), tok, **kw),
                            other_model=scripted_llama(seed=1).to(DEVICE),

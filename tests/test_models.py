@@ -29,8 +29,10 @@ def test_builds_offline_and_loads_with_auto_classes(cache):
     tok = transformers.AutoTokenizer.from_pretrained(path)
     cfg = model.config
     assert cfg.model_type == "llama" and cfg.head_dim == 64
-    assert cfg.hidden_size == cfg.num_attention_heads * cfg.head_dim
-    assert cfg.vocab_size == len(tok) == len(models.SPECIAL_TOKENS) + len(models.CHARS)
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    assert q_proj.shape == (cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)
+    assert cfg.vocab_size == len(tok) == (len(models.SPECIAL_TOKENS) + len(models.CHARS)
+                                          + len(models.TAG_TOKENS))
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (
         cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id)
     assert [p.name for p in cache.iterdir()] == [path.name]  # no temporary directory left behind
@@ -83,7 +85,7 @@ def test_a_failed_build_leaves_nothing(cache, monkeypatch):
 
 def test_tokenizer_round_trips_printable_ascii(cache):
     tok = transformers.AutoTokenizer.from_pretrained(models.default_model_dir())
-    text = "".join(chr(c) for c in range(0x20, 0x7F)) + "\n  two  spaces\n\n<answer>4</answer>"
+    text = "".join(chr(c) for c in range(0x20, 0x7F)) + "\n  two  spaces\n\n<answer 4 /answer>"
     ids = tok.encode(text)
     assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1  # one token per character
     assert tok.decode(ids, skip_special_tokens=True) == text
@@ -92,6 +94,21 @@ def test_tokenizer_round_trips_printable_ascii(cache):
     assert tok.encode("é\t", add_special_tokens=False) == [tok.unk_token_id] * 2
     assert tok.encode("<eos>", add_special_tokens=False, split_special_tokens=True) == \
         tok.encode("<", add_special_tokens=False) + tok.encode("eos>", add_special_tokens=False)
+
+
+def test_protocol_tags_are_one_token_each_and_round_trip(cache):
+    tok = transformers.AutoTokenizer.from_pretrained(models.default_model_dir())
+    text = "x<calculator>3+4</calculator><result>7</result>\n<answer>7</answer></python><"
+    tokens = tok.convert_ids_to_tokens(tok.encode(text, add_special_tokens=False))
+    assert tokens == (["x", "<calculator>", "3", "+", "4", "</calculator>", "<result>", "7",
+                       "</result>", "\n", "<answer>", "7", "</answer>", "</python>", "<"])
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+    # a tag spelled with other characters in it stays characters
+    assert len(tok.encode("<answer >", add_special_tokens=False)) == len("<answer >")
+    plain = models.char_tokenizer(tags=False)
+    assert len(plain) == len(models.SPECIAL_TOKENS) + len(models.CHARS)
+    assert plain.encode(text, add_special_tokens=False) == [
+        models.vocabulary()[c] for c in text]
 
 
 def test_load_default_device_and_dtype(cache):

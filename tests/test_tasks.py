@@ -90,9 +90,10 @@ def _ops(expression):
 
 @pytest.mark.parametrize("style", STYLES)
 def test_calc_problems(style):
-    problems = _calc(style=style).split("train")
+    problems = _calc(style=style, max_ops=4).split("train")
     n_ops = [_ops(p.meta["expression"]) for p in problems]
     assert set(n_ops) == {2, 3, 4} and n_ops == [p.meta["n_ops"] for p in problems]
+    assert {p.meta["n_ops"] for p in _calc(style=style).split("train")} == {2, 3}  # the default
     assert any("(" in p.meta["expression"] for p in problems)  # parentheses in some problems
     assert any("(" not in p.meta["expression"] and _has_precedence_choice(p.meta["expression"])
                for p in problems)  # and precedence without parentheses in others
@@ -141,7 +142,7 @@ def _replay(text, tool_names):
 
 @pytest.mark.parametrize("style", STYLES)
 def test_calc_demonstrations_are_correct(style):
-    task = _calc(style=style)
+    task = _calc(style=style, max_ops=4)
     rng = random.Random(0)
     orders = set()
     for problem in task.split("train")[:100]:

@@ -37,7 +37,7 @@ ENGINE_OPTIONS = dict(enforce_eager=True,  # torch.compile would add ~40 s to th
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    model, tok = scripted_llama(hidden=HIDDEN), models.char_tokenizer()
+    model, tok = scripted_llama(hidden=HIDDEN), models.char_tokenizer(tags=False)
     path = tmp_path_factory.mktemp("scripted-llama")
     model.save_pretrained(path)
     tok.save_pretrained(path)

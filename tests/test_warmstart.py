@@ -8,7 +8,8 @@ import torch
 from appo.models import load_default
 from appo.prompting import encode_prompt
 from appo.tasks import get_task
-from appo.warmstart import WarmStartConfig, encode_demonstration, lr_factor, warm_start
+from appo.warmstart import (WarmStartConfig, accumulate_loss, encode_demonstration, lr_factor,
+                            warm_start)
 
 
 def test_demonstration_masks_prompt_and_tool_results():
@@ -41,6 +42,37 @@ def test_warm_start_lowers_the_loss():
     assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not model.training  # restored to eval mode
+
+
+@pytest.mark.parametrize("max_ratio", [1.0, 1.5, float("inf")])
+def test_length_grouped_loss_matches_each_example_alone(max_ratio):
+    """The loss and gradient of accumulate_loss (examples grouped by length, padded within a
+    group) equal those of every example run alone without padding, in float64."""
+    model, tokenizer = load_default(dtype=torch.float64)
+    task = get_task("calc")
+    rng = random.Random(1)
+    examples = []
+    for i, problem in enumerate(task.split("train")[:7]):
+        response = task.direct_answer(problem) if i % 3 else task.demonstration(problem, rng)
+        examples.append(encode_demonstration(tokenizer, encode_prompt(tokenizer, problem.prompt),
+                                             response))
+    assert len({len(ids) for ids, _ in examples}) > 2  # long and short: several groups
+    model.zero_grad()
+    loss = accumulate_loss(model, examples, tokenizer.pad_token_id, max_ratio=max_ratio)
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    n_loss = sum(sum(mask[1:]) for _, mask in examples)
+    reference = 0.0
+    for ids, mask in examples:
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        logprob = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        nll = -(logprob * torch.tensor(mask[1:], dtype=torch.float64)).sum() / n_loss
+        nll.backward()
+        reference += nll.item()
+    assert loss == pytest.approx(reference, rel=1e-10)
+    for got, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-8, atol=1e-12)
 
 
 def test_lr_warms_up_then_decays_to_the_final_ratio():

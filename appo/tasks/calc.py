@@ -1,6 +1,6 @@
 """The default task: multi-step integer arithmetic solved step by step with the calculator.
 
-A problem is an expression tree with 2-4 operations (+ - * /) over small positive integers, asked
+A problem is an expression tree with 2-3 operations (+ - * /) over small positive integers, asked
 either compactly ("Compute 3 + 4 * (5 - 2)") or as a short word problem ("Ann has 3 boxes of 12
 pens and gives 7 away. Pens?"). Precedence and parentheses make the order of the steps a real
 decision: an operation can run only once both its operands are numbers. The intended response
@@ -63,7 +63,7 @@ class CalcTask(Task):
     """Multi-step arithmetic with the calculator tool (the default task of `appo train`).
 
     Options: `seed`; `n_train`, `n_eval` (split sizes); `min_ops`, `max_ops` (operations per
-    problem, 2-4 by default); `max_operand` (operands drawn from 1..max_operand); `max_value`
+    problem, 2-3 by default); `max_operand` (operands drawn from 1..max_operand); `max_value`
     (bound on every intermediate value); `style`: "expr" (compact expressions, the default),
     "words" (word problems from `WORD_PROBLEMS`) or "mixed" (half each).
 
@@ -84,7 +84,7 @@ class CalcTask(Task):
                     "Then write the final number as <answer>number</answer>.")
 
     def __init__(self, seed: int = 0, n_train: int = 10_000, n_eval: int = 200, min_ops: int = 2,
-                 max_ops: int = 4, max_operand: int = 20, max_value: int = 999,
+                 max_ops: int = 3, max_operand: int = 20, max_value: int = 999,
                  style: str = "expr"):
         if not 1 <= min_ops <= max_ops:
             raise ValueError(f"need 1 <= min_ops <= max_ops, got min_ops={min_ops}, "
