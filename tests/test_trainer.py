@@ -272,8 +272,11 @@ def test_reward_rises(env, tmp_path):
 
 def test_vllm_engine_trains(env, tmp_path):
     pytest.importorskip("vllm")
+    # word problems: every prompt fills at least one of vLLM's 32-token cache blocks, so each fork
+    # has a cached prefix to read whatever its branch position
     config = tiny(tmp_path / "run", "actor_rollout_ref.rollout.name=vllm",
-                  "trainer.total_training_steps=1", "actor_rollout_ref.actor.entropy_coeff=0.01")
+                  "data.task_options={style: words}", "trainer.total_training_steps=1",
+                  "actor_rollout_ref.actor.entropy_coeff=0.01")
     trainer = Trainer(config, log=lambda *_: None)
     result = trainer.train()
     assert result.step == 1 and result.eval_after is not None
