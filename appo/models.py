@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from appo.rollout.format import ANSWER_CLOSE, ANSWER_OPEN, RESULT_CLOSE, RESULT_OPEN
+
 FORMAT_VERSION = 2  # bump when the build recipe changes in a way the config does not show
 DEFAULT_SEED = 0
 
@@ -43,8 +45,8 @@ CHARS = "\n" + "".join(chr(c) for c in range(0x20, 0x7F))  # newline + printable
 # the tool protocol's tags, one token each (as chat models give their tool-call markers their own
 # tokens): they are 70% of the characters of a calc demonstration, so spelling them out character
 # by character made sequences 2.4x longer and left the model room to misspell the format
-TAG_TOKENS = tuple(f"<{slash}{name}>" for name in ("calculator", "python", "result", "answer")
-                   for slash in ("", "/"))
+TAG_TOKENS = (*(f"<{slash}{tool}>" for tool in ("calculator", "python") for slash in ("", "/")),
+              RESULT_OPEN, RESULT_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
 DEFAULT_CONFIG = dict(
     hidden_size=128,

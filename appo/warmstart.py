@@ -89,7 +89,7 @@ def accumulate_loss(model, examples, pad_id: int, max_ratio: float = 1.5) -> flo
             parts[-1].append(example)
         else:
             parts.append([example])
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for part in parts:
         ids, loss_mask, attention = _batch(part, pad_id, device)
         logits = model(input_ids=ids, attention_mask=attention).logits
@@ -97,8 +97,8 @@ def accumulate_loss(model, examples, pad_id: int, max_ratio: float = 1.5) -> flo
         stats = token_stats(logits[:, :-1], ids[:, 1:], mask=loss_mask[:, 1:])
         part_loss = -stats.logprob.sum() / n_loss
         part_loss.backward()
-        total += part_loss.item()
-    return total
+        total += part_loss.detach()
+    return total.item()  # one host sync per batch, not per part
 
 
 def _batch(examples, pad_id: int, device):
