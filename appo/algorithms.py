@@ -15,8 +15,8 @@ trainer looks an algorithm up by name (`algorithm.adv_estimator`) and runs
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,10 +39,11 @@ class RolloutSet:
     mask: Tensor  # bool [N], model tokens
     rollout_logprob: Tensor  # float32 [N], the engine's sampling log-probs (0 on tool tokens)
     cu_seqlens: Tensor  # long [S+1]
+    grades: list[Any] = field(default_factory=list)  # the task's Grade of each sample, if known
 
     @classmethod
     def of(cls, samples: Sequence[Sample], group: Sequence[int], rewards: Sequence[float],
-           device="cpu") -> "RolloutSet":
+           device="cpu", grades: Sequence[Any] = ()) -> "RolloutSet":
         lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long)
 
         def flat(field, dtype):
@@ -53,7 +54,7 @@ class RolloutSet:
                    torch.tensor(list(rewards), dtype=torch.float32, device=device),
                    flat("response_ids", torch.long), flat("response_mask", torch.bool),
                    flat("response_logprobs", torch.float32),
-                   torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device))
+                   torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device), list(grades))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -72,7 +73,14 @@ class RolloutSet:
                           torch.cat([a.rewards, b.rewards]), torch.cat([a.ids, b.ids]),
                           torch.cat([a.mask, b.mask]),
                           torch.cat([a.rollout_logprob, b.rollout_logprob]),
-                          torch.cat([a.cu_seqlens, b.cu_seqlens[1:] + a.cu_seqlens[-1]]))
+                          torch.cat([a.cu_seqlens, b.cu_seqlens[1:] + a.cu_seqlens[-1]]),
+                          a.grades + b.grades)
+
+
+def masked_mean(mask: Tensor):
+    """x -> the mean of x over the tokens where `mask` is set (0 when none is)."""
+    count = mask.sum().clamp_min(1)
+    return lambda x: (x * mask).sum() / count
 
 
 @dataclass

@@ -16,7 +16,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from appo.config import ALGORITHMS, BRANCH_PER, ENGINES, Config, apply_overrides, load_yaml, set_value
+from appo.config import ALGORITHMS, BRANCH_PER, Config, apply_overrides, load_yaml, set_value
+from appo.rollout.engines import engine_names
 
 # flag -> config key, applied when the flag is given
 FLAG_KEYS = {
@@ -43,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE", help="a YAML config (verl's layout)")
     train.add_argument("--algo", choices=ALGORITHMS, help="the algorithm (default appo)")
     train.add_argument("--model", metavar="PATH",
-                       help="a local transformers causal LM (default: the embedded tiny model)")
-    train.add_argument("--engine", choices=ENGINES, help="the rollout engine (default hf)")
+                       help="a local transformers causal LM directory or a .gguf file "
+                            "(default: the embedded tiny model)")
+    train.add_argument("--engine", choices=engine_names(), help="the rollout engine (default hf)")
     train.add_argument("--task", help="a registered task (default calc)")
     train.add_argument("--steps", type=int, help="training steps")
     train.add_argument("--out", metavar="DIR", help="output directory (default runs/<algo>-<time>)")
@@ -93,7 +95,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(e))
     from appo.trainer import Trainer
 
-    trainer = Trainer(config, resume=bool(args.resume))
+    try:  # what the config names but cannot be had: a model path, a logger's package, ...
+        trainer = Trainer(config, resume=bool(args.resume))
+    except ValueError as e:
+        parser.error(str(e))
     print(f"appo: {config.algorithm.adv_estimator} on task {config.data.task!r}, "
           f"{config.trainer.total_training_steps} steps, output in {trainer.out}", flush=True)
     result = trainer.train()
@@ -103,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"({100 * (after - before):+.1f} points)")
     print(f"{result.step} steps in {result.seconds:.0f} s; metrics, plots, rollouts.html and "
           f"checkpoints in {result.out_dir}")
-    from appo.trainer import EXIT_INTERRUPTED
+    from appo.run import EXIT_INTERRUPTED
 
     return EXIT_INTERRUPTED if result.interrupted else 0
 

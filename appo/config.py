@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
+from appo.rollout.engines import engine_names
+from appo.rollout.protocol import protocol_names
+
 ALGORITHMS = ("appo", "arpo", "grpo")
-ENGINES = ("hf", "vllm")
 BRANCH_PER = ("group", "sequence")
 LR_SCHEDULES = ("constant", "cosine")
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 
 
 @dataclass
@@ -38,7 +41,7 @@ class DataConfig:
 class ModelConfig:
     """verl's `actor_rollout_ref.model.*`. `path` None is the embedded default model."""
 
-    path: Optional[str] = None
+    path: Optional[str] = None  # a local transformers directory or a .gguf file
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
     # supervised warm start (appo.warmstart) before RL; None: its default length for the
     # embedded model, none for others
@@ -91,7 +94,10 @@ class ActorConfig:
 class RolloutConfig:
     """verl's `actor_rollout_ref.rollout.*`."""
 
-    name: str = "hf"  # the engine: hf or vllm
+    name: str = "hf"  # the engine: hf or vllm (appo.rollout.engines)
+    # how the model calls tools (appo.rollout.protocol): tags, chat, or auto (chat for a
+    # tokenizer with a chat template); config.yaml of a run records the resolved one
+    tool_format: str = "auto"
     n: int = 4  # initial rollouts per prompt (GRPO samples n + branch_budget independent ones)
     temperature: float = 1.0
     max_tool_calls: int = 6
@@ -134,7 +140,13 @@ class TrainerConfig:
     progress: bool = True
     html_prompts: int = 2  # prompts per step shown in rollouts.html
     max_time_s: Optional[float] = None  # stop (after a full step, with a checkpoint) past this
-    max_actor_ckpt_to_keep: Optional[int] = None  # keep the newest this many checkpoints
+    max_actor_ckpt_to_keep: Optional[int] = 2  # keep the newest this many checkpoints (None: all)
+    # console: the progress bar, evaluations and warnings (a line per step without the bar);
+    # jsonl: metrics.jsonl (always written: plots and --resume read it); tensorboard and wandb
+    # (offline unless WANDB_MODE says otherwise) where installed
+    logger: tuple = ("console", "jsonl")
+    project_name: str = "appo"  # wandb's project
+    experiment_name: Optional[str] = None  # wandb's run name; None: the output directory's name
 
 
 @dataclass
@@ -175,7 +187,14 @@ class Config:
             ("algorithm.branch_per", self.algorithm.branch_per in BRANCH_PER,
              f"one of {BRANCH_PER}"),
             ("algorithm.branch_budget", self.algorithm.branch_budget >= 0, ">= 0"),
-            ("actor_rollout_ref.rollout.name", self.rollout.name in ENGINES, f"one of {ENGINES}"),
+            ("actor_rollout_ref.rollout.name", self.rollout.name in engine_names(),
+             f"one of {engine_names()}"),
+            ("actor_rollout_ref.rollout.tool_format", self.rollout.tool_format in protocol_names(),
+             f"one of {protocol_names()}"),
+            ("trainer.logger", all(name in LOGGERS for name in self.trainer.logger),
+             f"a list of {LOGGERS}"),
+            ("trainer.max_actor_ckpt_to_keep", self.trainer.max_actor_ckpt_to_keep is None
+             or self.trainer.max_actor_ckpt_to_keep >= 1, "None or >= 1"),
             ("actor_rollout_ref.rollout.n", self.rollout.n >= 1, ">= 1"),
             ("actor_rollout_ref.rollout.temperature", self.rollout.temperature > 0, "> 0"),
             ("actor_rollout_ref.rollout.max_tool_calls", self.rollout.max_tool_calls >= 0, ">= 0"),

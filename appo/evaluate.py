@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from appo.prompting import encode_prompt
 from appo.rollout.base import Sample, SamplingParams
 
 # greedy decoding through the untruncated sampler: at this temperature a logit gap of 1e-3 already
@@ -30,19 +29,23 @@ class EvalResult:
     n: int  # responses scored
 
 
-def response_text(tokenizer, sample: Sample) -> str:
-    """The decoded response alone, as a task's reward reads it: tool results included, the
-    end-of-sequence token left out (tool text that spells a special token was encoded as text)."""
-    return tokenizer.decode(sample.response_ids, skip_special_tokens=True)
+def response_text(protocol, sample: Sample) -> str:
+    """The response alone as a task's reward reads it (the protocol's canonical text: tool
+    results as `<result>...</result>`, special tokens such as the end of sequence left out)."""
+    return protocol.response_text(sample.response_ids, sample.response_mask)
 
 
-def evaluate(engine, task, tokenizer, *, split: str = "eval", n_problems: Optional[int] = None,
+def evaluate(engine, task, *, split: str = "eval", n_problems: Optional[int] = None,
              n_samples: int = 1, sampling: SamplingParams = SamplingParams(seed=0),
-             greedy: bool = False, batch_size: int = 64,
-             instructions: Optional[str] = None) -> EvalResult:
+             greedy: bool = False, batch_size: int = 64) -> EvalResult:
     """Score `n_samples` responses to each of the first `n_problems` problems of `split` (all of it
-    when None), generated `batch_size` prompts at a time. `greedy` overrides the temperature (and
-    then one sample per problem is all there is to see)."""
+    when None), generated `batch_size` prompts at a time, with the engine's tool protocol (the
+    task's `format` must be the same protocol). `greedy` overrides the temperature (and then
+    one sample per problem is all there is to see)."""
+    protocol = engine.protocol
+    if task.format.name != protocol.name:
+        raise ValueError(f"task.format is {task.format.name!r} but the engine's tool protocol is "
+                         f"{protocol.name!r}: set task.format = engine.protocol")
     problems = task.split(split)
     if n_problems is not None:
         if n_problems < 1:
@@ -58,12 +61,13 @@ def evaluate(engine, task, tokenizer, *, split: str = "eval", n_problems: Option
     rewards, tool_calls, lengths = [], [], []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        prompts = [encode_prompt(tokenizer, p.prompt, instructions) for p in chunk]
+        prompts = [protocol.encode_prompt(p.prompt, task.instructions, task.tool_names)
+                   for p in chunk]
         # a distinct seed per chunk: chunks must not share their samples' random streams
         seed = None if sampling.seed is None else sampling.seed + start
         samples = engine.generate(prompts, n_samples, replace(sampling, seed=seed))
         for sample in samples:
-            rewards.append(task.reward(response_text(tokenizer, sample),
+            rewards.append(task.reward(response_text(protocol, sample),
                                        chunk[sample.prompt_index]))
             tool_calls.append(sample.n_tool_calls)
             lengths.append(len(sample.response_ids))

@@ -170,3 +170,66 @@ def load_default(device="cpu", dtype=torch.float32, config: Optional[dict] = Non
     with _no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# any model: a local transformers directory or a GGUF file
+
+def is_gguf(path) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def load_model(path, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) from a local transformers model directory or a `.gguf` file, in eval
+    mode on `device`. Nothing is downloaded. A GGUF file is dequantised to `dtype` into an
+    ordinary model (transformers' GGUF loader; needs `gguf`, the `gguf` extra), which saves and
+    loads like any other checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"actor_rollout_ref.model.path: {str(path)!r} does not exist (a local "
+                         f"transformers model directory or a .gguf file; nothing is downloaded)")
+    if is_gguf(path):
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:
+            raise ValueError(f"actor_rollout_ref.model.path: loading {path.name} needs the gguf "
+                             f"package (pip install gguf accelerate: appo's gguf extra)")
+        where = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name)
+        with _no_progress_bars():
+            quantized = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
+        model = _without_quantizer(quantized, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(**where)
+    elif (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        raise ValueError(f"actor_rollout_ref.model.path: {str(path)!r} is neither a model "
+                         f"directory (with a config.json) nor a .gguf file")
+    return model.to(device).eval(), tokenizer
+
+
+def _without_quantizer(quantized, dtype):
+    """The same weights in a plain model: a GGUF-loaded model keeps transformers' GGUF quantizer,
+    which refuses `save_pretrained`, though its weights are already dequantised floats."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    return model
+
+
+def save_model(model, tokenizer, path) -> None:
+    """`save_pretrained` of the model and its tokenizer into `path` (created)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with _no_progress_bars():
+        model.save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -112,6 +112,54 @@ def _unrolled(model, seqs, prompt_lens, temperature, pad_id, device):
     return stats.logprob[scored], stats.entropy[scored], ids.numel()
 
 
+@dataclass
+class RolloutStats:
+    """`response_token_stats` of many rollouts, packed response after response."""
+
+    logprob: Tensor
+    entropy: Tensor
+    forward_tokens: int  # what the model computed
+    sequence_tokens: int  # what unrolled sequences would have been
+
+
+def rollout_token_stats(model, prompts: Sequence[Sequence[int]],
+                        responses: Sequence[Sequence[int]], group: Tensor, *, token_budget: int,
+                        temperature: float = 1.0, unrolled: bool = False,
+                        pad_id: int = 0) -> RolloutStats:
+    """Log-prob and entropy of every response token of `prompts[i] + responses[i]`, in
+    micro-batches of whole prompt groups (`group[i]`, see `micro_batches`)."""
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    device = next(model.parameters()).device
+    logprob = torch.zeros(int(cu_seqlens[-1]), device=device)
+    entropy = torch.zeros(int(cu_seqlens[-1]), device=device)
+    work = 0
+    for batch in micro_batches(by_group(group), seqs, token_budget):
+        stats = response_token_stats(model, [prompts[i] for i in batch],
+                                     [responses[i] for i in batch], temperature=temperature,
+                                     unrolled=unrolled, pad_id=pad_id)
+        index = token_index(cu_seqlens, batch).to(device)
+        logprob[index], entropy[index] = stats.logprob, stats.entropy
+        work += stats.forward_tokens
+    return RolloutStats(logprob, entropy, work, sum(len(s) for s in seqs))
+
+
+def by_group(group: Tensor) -> list[list[int]]:
+    """Sequence indices per group id, groups in order of first appearance."""
+    out: dict[int, list[int]] = {}
+    for i, g in enumerate(group.tolist()):
+        out.setdefault(g, []).append(i)
+    return list(out.values())
+
+
+def token_index(cu_seqlens: Tensor, seqs: list[int]) -> Tensor:
+    """The packed token indices of sequences `seqs` (in that order)."""
+    bounds = cu_seqlens.tolist()
+    return torch.cat([torch.arange(bounds[s], bounds[s + 1]) for s in seqs]).to(
+        cu_seqlens.device)
+
+
 def tree_size(seqs: Sequence[Sequence[int]]) -> int:
     """The number of tokens of the trie of `seqs` (the tree-packed forward's length)."""
     root: dict = {}

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from appo.prompting import encode_prompt
 from appo.rollout.format import RESULT_CLOSE, RESULT_OPEN
+from appo.rollout.protocol import TagProtocol
 from appo_kernels import token_stats
 
 _RESULT_RE = re.compile(re.escape(RESULT_OPEN) + ".*?" + re.escape(RESULT_CLOSE), re.S)
@@ -122,7 +122,9 @@ def warm_start(model, tokenizer, task, config: WarmStartConfig = WarmStartConfig
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+              else tokenizer.eos_token_id)
+    protocol = TagProtocol(tokenizer)  # demonstrations are written in the tags format
     was_training = model.training
     model.train()
     losses = []
@@ -130,7 +132,7 @@ def warm_start(model, tokenizer, task, config: WarmStartConfig = WarmStartConfig
     for _ in range(config.steps):
         examples = []
         for problem in rng.sample(problems, min(config.batch_size, len(problems))):
-            prompt_ids = encode_prompt(tokenizer, problem.prompt)
+            prompt_ids = protocol.encode_prompt(problem.prompt)
             if config.direct_share > 0 and rng.random() < config.direct_share:
                 response = task.direct_answer(problem)
             else:

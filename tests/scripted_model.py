@@ -22,8 +22,9 @@ SCRIPT = {"<": {TOOL: 7.3, "/": 7.6}, "/": {TOOL: 8.0}, TOOL: {">": 8.0}, ">": {
           "a": {"b": 8.0}, "b": {"<": 8.0, EOS: 3.5}}
 
 
-def scripted_llama(hidden=64, layers=2, mixing=1.0, seed=0, script=SCRIPT):
-    vocab = vocabulary(tags=False)
+def scripted_llama(hidden=64, layers=2, mixing=1.0, seed=0, script=SCRIPT, vocab=None):
+    """`vocab`: token -> id (default the character vocabulary); `script` names tokens by it."""
+    vocab = vocabulary(tags=False) if vocab is None else vocab
     config = transformers.LlamaConfig(
         vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,

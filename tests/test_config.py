@@ -69,6 +69,9 @@ def test_bad_overrides_name_the_key(override, message):
     ("algorithm.omega_clip", [1.2, 0.8], "omega_clip"),
     ("actor_rollout_ref.rollout.name", "sglang", "rollout.name must be one of"),
     ("actor_rollout_ref.model.warm_start_direct_share", 1.5, "warm_start_direct_share"),
+    ("actor_rollout_ref.rollout.tool_format", "xml", "tool_format must be one of"),
+    ("trainer.logger", ["console", "mlflow"], "trainer.logger must be a list of"),
+    ("trainer.max_actor_ckpt_to_keep", 0, "max_actor_ckpt_to_keep must be None or >= 1"),
 ])
 def test_validate_names_the_key(key, value, message):
     config = from_dict({key: value})
@@ -104,3 +107,38 @@ def test_cli_reports_bad_input_as_usage_error(capsys):
         main(["train", "data.train_batch_size=0"])
     assert exit_info.value.code == 2
     assert "data.train_batch_size must be >= 1" in capsys.readouterr().err
+
+
+def test_engines_come_from_their_registry(monkeypatch):
+    from appo.cli import build_parser
+    from appo.rollout import engines
+
+    monkeypatch.setattr(engines._ENGINES, "entries", dict(engines._ENGINES.entries))
+    engines.register_engine("echo", lambda context: None)
+    assert engines.engine_names()[:2] == ("hf", "vllm") and "echo" in engines.engine_names()
+    from_dict({"actor_rollout_ref.rollout.name": "echo"}).validate()
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    engine_flag = next(a for a in train._actions if a.dest == "engine")
+    assert "echo" in engine_flag.choices
+
+
+def test_the_vllm_engine_without_vllm_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from appo.rollout import engines
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ValueError, match="rollout.name=vllm needs vLLM: pip install"):
+        engines.make_engine("vllm", None)
+
+
+def test_a_model_path_that_cannot_be_loaded_exits_with_2(tmp_path, capsys):
+    from appo.cli import main
+
+    for path in (tmp_path / "nope.gguf", tmp_path):  # missing; a directory without a model
+        with pytest.raises(SystemExit) as stop:
+            main(["train", "--model", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
+        assert stop.value.code == 2
+        assert "actor_rollout_ref.model.path" in capsys.readouterr().err

@@ -9,10 +9,10 @@ import pytest
 
 from appo.evaluate import GREEDY_TEMPERATURE, EvalResult, evaluate, response_text
 from appo.models import char_tokenizer
-from appo.prompting import PROMPT_END, encode_prompt
 from appo.rollout.base import Sample, SamplingParams
 from appo.rollout.format import format_tool_result
 from appo.rollout.hf import HFEngine
+from appo.rollout.protocol import PROMPT_END, TagProtocol
 from appo.tasks import Problem, Task, get_task
 from conftest import DEVICE
 from scripted_model import TOOL, scripted_llama
@@ -24,6 +24,7 @@ class CannedEngine:
 
     def __init__(self, tokenizer, respond):
         self.tokenizer, self.respond, self.calls = tokenizer, respond, []
+        self.protocol = TagProtocol(tokenizer)
 
     def generate(self, prompts, n, sampling):
         self.calls.append((len(prompts), n, sampling))
@@ -65,7 +66,7 @@ def test_counts_exact_matches_format_errors_and_wrong_answers(tokenizer):
                 "bad": call + [(answer, True)]}[kinds[prompt]]
 
     engine = CannedEngine(tokenizer, respond)
-    result = evaluate(engine, task, tokenizer, n_problems=4)
+    result = evaluate(engine, task, n_problems=4)
     assert result.n == 4
     assert result.accuracy == 2 / 4 and result.format_error_rate == 1 / 4
     assert result.mean_reward == pytest.approx((1 + 1 + 0 - 1) / 4)
@@ -81,7 +82,7 @@ def test_counts_exact_matches_format_errors_and_wrong_answers(tokenizer):
 def test_batches_samples_and_seeds(tokenizer):
     task = get_task("calc")
     engine = CannedEngine(tokenizer, lambda prompt, k: [("<answer>0</answer>", True)])
-    result = evaluate(engine, task, tokenizer, n_problems=5, n_samples=3, batch_size=2,
+    result = evaluate(engine, task, n_problems=5, n_samples=3, batch_size=2,
                       sampling=SamplingParams(temperature=0.7, seed=11))
     assert result.n == 15
     assert [(rows, n) for rows, n, _ in engine.calls] == [(2, 3), (2, 3), (1, 3)]
@@ -93,14 +94,14 @@ def test_batches_samples_and_seeds(tokenizer):
 def test_whole_split_by_default(tokenizer):
     task = get_task("calc", n_eval=7)
     engine = CannedEngine(tokenizer, lambda prompt, k: [("<answer>0</answer>", True)])
-    assert evaluate(engine, task, tokenizer, batch_size=3).n == 7
-    assert evaluate(engine, task, tokenizer, split="train", n_problems=4).n == 4
+    assert evaluate(engine, task, batch_size=3).n == 7
+    assert evaluate(engine, task, split="train", n_problems=4).n == 4
 
 
 def test_greedy_overrides_the_temperature(tokenizer):
     task = get_task("calc")
     engine = CannedEngine(tokenizer, lambda prompt, k: [("<answer>0</answer>", True)])
-    evaluate(engine, task, tokenizer, n_problems=2, greedy=True,
+    evaluate(engine, task, n_problems=2, greedy=True,
              sampling=SamplingParams(temperature=1.0, max_response_len=99, seed=3))
     (_, _, sampling), = engine.calls
     assert sampling.temperature == GREEDY_TEMPERATURE and sampling.max_response_len == 99
@@ -136,10 +137,10 @@ def scripted_engine():
 def test_real_engine_matches_scoring_its_samples(scripted_engine, tokenizer):
     task = ToolCountTask(6)
     sampling = SamplingParams(max_response_len=80, max_tool_calls=3, seed=5)
-    result = evaluate(scripted_engine, task, tokenizer, n_samples=4, sampling=sampling)
-    samples = scripted_engine.generate([encode_prompt(tokenizer, p.prompt) for p in task.problems],
+    result = evaluate(scripted_engine, task, n_samples=4, sampling=sampling)
+    samples = scripted_engine.generate([scripted_engine.protocol.encode_prompt(p.prompt) for p in task.problems],
                                        4, sampling)
-    rewards = [task.reward(response_text(tokenizer, s), task.problems[s.prompt_index])
+    rewards = [task.reward(response_text(scripted_engine.protocol, s), task.problems[s.prompt_index])
                for s in samples]
     assert {-1.0, 0.0, 1.0} <= set(rewards)  # every outcome occurs, so the counts are tested
     n = len(samples)
@@ -150,18 +151,18 @@ def test_real_engine_matches_scoring_its_samples(scripted_engine, tokenizer):
 
 
 def test_response_text_leaves_out_the_eos_only(scripted_engine, tokenizer):
-    prompts = [encode_prompt(tokenizer, f"p{i}") for i in range(6)]
+    prompts = [scripted_engine.protocol.encode_prompt(f"p{i}") for i in range(6)]
     samples = scripted_engine.generate(prompts, 4, SamplingParams(max_response_len=80, seed=5))
     stopped = [s for s in samples if s.finish_reason == "stop"]
     assert stopped, "the scripted model ends some samples with EOS"
     for s in stopped:
         assert s.response_ids[-1] == tokenizer.eos_token_id
-        assert response_text(tokenizer, s) == tokenizer.decode(s.response_ids[:-1])
+        assert response_text(scripted_engine.protocol, s) == tokenizer.decode(s.response_ids[:-1])
 
 
 def test_greedy_is_deterministic(scripted_engine, tokenizer):
     task = ToolCountTask(3)
-    results = [evaluate(scripted_engine, task, tokenizer, greedy=True, n_samples=2,
+    results = [evaluate(scripted_engine, task, greedy=True, n_samples=2,
                         sampling=SamplingParams(max_response_len=30, seed=seed))
                for seed in (0, 1)]
     assert results[0] == results[1]
@@ -171,12 +172,12 @@ def test_bad_arguments_raise(tokenizer):
     task = get_task("calc")
     engine = CannedEngine(tokenizer, lambda prompt, k: [])
     with pytest.raises(ValueError, match="n_problems"):
-        evaluate(engine, task, tokenizer, n_problems=0)
+        evaluate(engine, task, n_problems=0)
     with pytest.raises(ValueError, match="n_samples"):
-        evaluate(engine, task, tokenizer, n_samples=0)
+        evaluate(engine, task, n_samples=0)
     with pytest.raises(ValueError, match="batch_size"):
-        evaluate(engine, task, tokenizer, batch_size=0)
+        evaluate(engine, task, batch_size=0)
     with pytest.raises(ValueError, match="split"):
-        evaluate(engine, task, tokenizer, split="test")
+        evaluate(engine, task, split="test")
     with pytest.raises(ValueError, match="no problems"):
-        evaluate(engine, get_task("calc", n_eval=0), tokenizer)
+        evaluate(engine, get_task("calc", n_eval=0))

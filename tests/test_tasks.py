@@ -318,3 +318,112 @@ def test_jsonl_empty_file_unknown_tool_and_no_warm_start(tmp_path, rows_file):
     assert isinstance(task, JsonlTask)
     with pytest.raises(NotImplementedError, match="'jsonl' has no demonstrations"):
         task.demonstration(task.split("train")[0], random.Random(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# grades: rewards with reasons, the built-in rewards, the chat format
+
+def test_jsonl_default_instructions_state_the_answer_format_and_tools(rows_file):
+    task = get_task("jsonl", path=rows_file, tools=("calculator",))
+    assert "<answer>answer</answer>" in task.instructions and "calculator tool" in task.instructions
+    assert "tool" not in get_task("jsonl", path=rows_file, tools=()).instructions
+    assert get_task("jsonl", path=rows_file, instructions="Be brief.").instructions == "Be brief."
+
+
+@pytest.mark.parametrize("response, grade", [
+    ("<answer>6</answer>", (1.0, "correct")),
+    ("<answer>7</answer>", (0.0, "wrong answer")),
+    ("so it is 6", (-1.0, "bad format: no <answer>")),
+    ("<answer>6</answer> done", (-1.0, "bad format: text after </answer>")),
+])
+def test_exact_grades_carry_the_reason(rows_file, response, grade):
+    task = get_task("jsonl", path=rows_file)
+    got = task.grade(response, Problem("What is 3 + 3?", "6"))
+    assert (got.reward, got.reason) == grade
+
+
+@pytest.mark.parametrize("response, answer, grade", [
+    ("<answer>1,234.0</answer>", "1234", (1.0, "correct")),
+    ("<answer>$12</answer>", "12", (1.0, "correct")),
+    ("<answer>\\frac{3}{4}</answer>", "0.75", (1.0, "correct")),
+    ("<answer>5 apples</answer>", "6", (0.0, "wrong answer")),
+    ("We add 3 and 3, so there are 6 apples.", "6", (1.0, "correct, read leniently")),
+    ("<calculator>3+3</calculator><result>6</result>Hmm, 7", "6",
+     (0.0, "wrong answer, read leniently")),  # the tool's 6 is not the model's answer
+    ("<answer>six</answer>", "6", (-1.0, "bad format: no number in the answer")),
+    ("I do not know.", "6", (-1.0, "bad format: no <answer>, no number")),
+])
+def test_numeric_reward_reads_the_answer_leniently(rows_file, response, answer, grade):
+    task = get_task("jsonl", path=rows_file, reward_fn="numeric")
+    got = task.grade(response, Problem("q", answer))
+    assert (got.reward, got.reason) == grade, got
+
+
+def test_numeric_reward_refuses_answers_that_are_not_numbers(tmp_path):
+    path = _write(tmp_path / "words.jsonl", [json.dumps({"prompt": "p", "answer": "1"}),
+                                             json.dumps({"prompt": "q", "answer": "blue"})])
+    with pytest.raises(ValueError, match="reward 'numeric': the answer 'blue'"):
+        get_task("jsonl", path=path, reward_fn="numeric")
+
+
+def test_math_verify_reward(rows_file):
+    pytest.importorskip("math_verify")
+    task = get_task("jsonl", path=rows_file, reward_fn="math_verify")
+    assert task.grade("<answer>\\frac{1}{2}</answer>", Problem("q", "0.5")).reward == 1.0
+    assert task.grade("<answer>x = 3</answer>", Problem("q", "4")).reward == 0.0
+    lenient = task.grade("The result is $\\boxed{4}$", Problem("q", "4"))
+    assert (lenient.reward, lenient.reason) == (1.0, "correct, read leniently")
+
+
+def test_user_rewards_may_give_reasons(rows_file):
+    problem = Problem("q", "6")
+    for fn, expected in [(lambda text, p: (0.5, "half"), (0.5, "half")),
+                         (lambda text, p: base.Grade(1.0, "mine"), (1.0, "mine")),
+                         (lambda text, p: 2, (2.0, "reward 2"))]:
+        got = get_task("jsonl", path=rows_file, reward_fn=fn).grade("x", problem)
+        assert (got.reward, got.reason) == expected
+    with pytest.raises(TypeError, match="reward_fn must return a number"):
+        get_task("jsonl", path=rows_file, reward_fn=lambda text, p: "good").grade("x", problem)
+    with pytest.raises(ValueError, match="non-finite reward"):
+        get_task("jsonl", path=rows_file, reward_fn=lambda t, p: float("nan")).grade("x", problem)
+    with pytest.raises(ValueError, match=r"reward_fn must be one of \('exact'"):
+        get_task("jsonl", path=rows_file, reward_fn="fuzzy")
+
+
+def test_a_task_with_only_reward_still_grades():
+    class Old(Task):
+        name = "old"
+
+        def split(self, name):
+            return []
+
+        def reward(self, response_text, problem):
+            return 0.25
+
+    assert Old().grade("x", Problem("q", "a")) == base.Grade(0.25, "reward 0.25")
+
+    class Neither(Task):
+        name = "neither"
+
+        def split(self, name):
+            return []
+
+    with pytest.raises(NotImplementedError, match="neither grade"):
+        Neither().grade("x", Problem("q", "a"))
+
+
+def test_calc_grades_chat_format_responses():
+    """With the chat protocol as its format, calc reads JSON calls (the response text is the
+    protocol's canonical text: results as <result>)."""
+    from appo.rollout.protocol import ChatProtocol
+    from chat_model import chat_tokenizer
+
+    task = _calc()
+    problem = Problem("Compute 2 + 3 * 4", "14", {"expression": "2 + 3 * 4"})
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "3*4"}}</tool_call>'
+    response = f"{call}<result>12</result>Then 2 + 12.<answer>14</answer>"
+    assert task.grade(response, problem).reason == \
+        "bad format: <result> without a tool call before it"  # read in the tags format
+    task.format = ChatProtocol(chat_tokenizer())
+    assert task.grade(response, problem) == base.Grade(1.0, "correct")
+    assert task.parse(response).calls == (("calculator", "3*4", "12"),)

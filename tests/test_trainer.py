@@ -322,3 +322,131 @@ def test_warm_start_options_reach_the_warm_start(tmp_path, env, monkeypatch):
                  "actor_rollout_ref.model.warm_start_direct_share=0.25", "trainer.seed=5"),
             log=lambda *_: None)
     assert seen == [appo.warmstart.WarmStartConfig(steps=3, direct_share=0.25, seed=5)]
+
+
+# ----------------------------------------------------------------------------------------------
+# what a run says and keeps
+
+class FlatTask(DigitsTask):
+    """Every response gets the same grade: no group has a learning signal."""
+
+    name = "flat-test"
+
+    def grade(self, response_text, problem):
+        from appo.tasks import Grade
+
+        return Grade(-1.0, "bad format: no <answer>")
+
+
+register_task("flat-test", FlatTask, replace=True)
+
+
+def test_a_step_without_learning_signal_says_why(env, tmp_path):
+    said = []
+    trainer = Trainer(tiny(tmp_path / "flat", "data.task=flat-test", "data.val_size=0"),
+                      log=said.append)
+    record = trainer.train_step(1)
+    assert record["zero_variance_groups"] == 2  # both prompts
+    expected = ("step 1: no learning signal, every group's rewards are equal "
+                "(all 4 rollouts: bad format: no <answer>)")
+    assert record["warning"] == expected and f"warning: {expected}" in said
+    digits = Trainer(tiny(tmp_path / "digits", "data.task=digits-test", "data.val_size=0"),
+                     log=said.append).train_step(1)
+    assert digits["zero_variance_groups"] < 2 and "warning" not in digits
+
+
+def test_only_the_newest_checkpoints_are_kept(env, tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny(out, "trainer.total_training_steps=3", "data.val_size=0"),
+            log=lambda *_: None).train()
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == \
+        ["step_000002", "step_000003"]  # trainer.max_actor_ckpt_to_keep = 2
+
+
+def test_tensorboard_and_wandb_loggers(env, tmp_path, monkeypatch):
+    import importlib.machinery
+    import types
+
+    pytest.importorskip("tensorboard")
+    runs = []
+
+    class FakeRun:
+        def __init__(self, **kwargs):
+            self.kwargs, self.logged, self.finished = kwargs, [], False
+            runs.append(self)
+
+        def log(self, values, step):
+            self.logged.append((step, values))
+
+        def finish(self):
+            self.finished = True
+
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    wandb.init = lambda **kwargs: FakeRun(**kwargs)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "run"
+    Trainer(tiny(out, "trainer.total_training_steps=1",
+                 "trainer.logger=[console, jsonl, tensorboard, wandb]"),
+            log=lambda *_: None).train()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    (run,) = runs
+    assert run.kwargs["mode"] == "offline" and run.kwargs["project"] == "appo"
+    assert run.kwargs["name"] == "run" and run.finished
+    steps = [step for step, _ in run.logged]
+    assert steps == [0, 1] and "reward_mean" in run.logged[1][1]
+    assert all(isinstance(v, float) for _, values in run.logged for v in values.values())
+
+
+def test_a_missing_logger_package_is_named(env, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="trainer.logger includes wandb.*pip install wandb"):
+        Trainer(tiny(tmp_path / "run", "trainer.logger=[wandb]"), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signals_stop_at_once_or_after_the_update(signum):
+    from appo.run import Interrupts
+
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        with Interrupts(said.append):
+            os.kill(os.getpid(), signum)
+            time.sleep(1)  # the handler raises before this returns
+    with Interrupts(said.append) as interrupts:
+        interrupts.critical = True
+        os.kill(os.getpid(), signum)
+        time.sleep(0.1)
+    assert interrupts.requested == signal.Signals(signum).name
+    assert said == [f"{signal.Signals(signum).name}: finishing this step's update, then saving"]
+    assert signal.getsignal(signum) is not interrupts._handler  # the previous handler is back
+
+
+def test_a_chat_model_trains_with_its_own_tool_format(env, tmp_path):
+    """A model whose tokenizer has a chat template: prompts through the template, tool calls as
+    <tool_call> JSON, results as tool turns; config.yaml and rollouts.html name the format."""
+    from chat_model import chat_llama, chat_tokenizer
+
+    tokenizer = chat_tokenizer()
+    chat_llama(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    run = tiny(tmp_path / "run", f"actor_rollout_ref.model.path={tmp_path / 'model'}",
+               "data.task=jsonl", f"data.task_options={{path: {tmp_path / 'rows.jsonl'}, "
+               f"tools: [calculator], reward_fn: numeric}}", "data.max_response_length=48",
+               "trainer.total_training_steps=1")
+    (tmp_path / "rows.jsonl").write_text("".join(
+        json.dumps({"prompt": f"What is {i} + 1?", "answer": i + 1}) + "\n" for i in range(12)))
+    result = Trainer(run, log=lambda *_: None).train()
+    assert result.step == 1
+    assert "tool_format: chat" in (tmp_path / "run" / "config.yaml").read_text()
+    html = (tmp_path / "run" / "rollouts.html").read_text()
+    assert "tool format chat" in html
+    assert "You can call these functions:" in html  # the system prompt, as the model saw it
+    with pytest.raises(ValueError, match="warm start's demonstrations are written in the tags"):
+        Trainer(tiny(tmp_path / "run2", f"actor_rollout_ref.model.path={tmp_path / 'model'}",
+                     "actor_rollout_ref.model.warm_start_steps=2"), log=lambda *_: None)

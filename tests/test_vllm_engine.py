@@ -127,3 +127,40 @@ def test_an_llm_without_the_processed_logprobs_mode_is_refused(served):
     llm = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config))
     with pytest.raises(ValueError, match="logprobs_mode='processed_logprobs'"):
         VLLMEngine.from_llm(llm, served.rollout.tokenizer)
+
+
+def test_chat_tool_format_on_vllm(tmp_path_factory):
+    """A chat model's own tool format through vLLM: JSON calls pause generation (a stop string),
+    the tool turn is the chat template's, tool tokens are masked, log-probs match teacher
+    forcing, and a fork after a tool turn continues it."""
+    from chat_model import chat_llama, chat_tokenizer
+    from engine_contract import teacher_forced_logprobs, tool_runs
+    from scripted_model import TOOL
+
+    tok = chat_tokenizer()
+    model = chat_llama(tok, hidden=HIDDEN)
+    path = tmp_path_factory.mktemp("chat-llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    engine = VLLMEngine(path, tok, tools={TOOL: lambda a: a[::-1] + "!"}, **ENGINE_OPTIONS)
+    assert engine.protocol.name == "chat"
+    sampling = SamplingParams(max_response_len=120, max_tool_calls=3, seed=6)
+    samples = engine.generate([engine.protocol.encode_prompt("Q: go")], 8, sampling)
+    assert sum(s.n_tool_calls for s in samples) >= 4
+    expected = engine.protocol.result_ids("ba!")
+    for s in samples:
+        runs = tool_runs(s)
+        assert len(runs) == s.n_tool_calls
+        for start, end in runs:
+            cut = end == len(s.response_ids) and s.finish_reason == "length"
+            assert s.response_ids[start:end] == expected[:end - start if cut else None]
+        mask = torch.tensor(s.response_mask, dtype=torch.bool)
+        forced = teacher_forced_logprobs(model, s, 1.0)
+        torch.testing.assert_close(torch.tensor(s.response_logprobs)[mask], forced[mask],
+                                   atol=LOGPROB_ATOL, rtol=0)
+    parent = next(s for s in samples if s.n_tool_calls and tool_runs(s)[0][1] < len(
+        s.response_ids))
+    end = tool_runs(parent)[0][1]
+    for fork in engine.fork([parent], [end], 2, SamplingParams(max_response_len=120, seed=7)):
+        assert fork.response_ids[:end + 1] == parent.response_ids[:end + 1]
+        assert len(tool_runs(fork)) == fork.n_tool_calls >= 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from appo.models import load_default
-from appo.prompting import encode_prompt
+from appo.rollout.protocol import TagProtocol
 from appo.tasks import get_task
 from appo.warmstart import (WarmStartConfig, accumulate_loss, encode_demonstration, lr_factor,
                             warm_start)
@@ -17,7 +17,7 @@ def test_demonstration_masks_prompt_and_tool_results():
     task = get_task("calc")
     problem = task.split("train")[0]
     response = task.demonstration(problem, random.Random(0))
-    prompt_ids = encode_prompt(tokenizer, problem.prompt)
+    prompt_ids = TagProtocol(tokenizer).encode_prompt(problem.prompt)
     ids, mask = encode_demonstration(tokenizer, prompt_ids, response)
     assert len(ids) == len(mask) and ids[-1] == tokenizer.eos_token_id and mask[-1] == 1
     assert ids[:len(prompt_ids)] == prompt_ids and not any(mask[:len(prompt_ids)])
@@ -54,7 +54,7 @@ def test_length_grouped_loss_matches_each_example_alone(max_ratio):
     examples = []
     for i, problem in enumerate(task.split("train")[:7]):
         response = task.direct_answer(problem) if i % 3 else task.demonstration(problem, rng)
-        examples.append(encode_demonstration(tokenizer, encode_prompt(tokenizer, problem.prompt),
+        examples.append(encode_demonstration(tokenizer, TagProtocol(tokenizer).encode_prompt(problem.prompt),
                                              response))
     assert len({len(ids) for ids, _ in examples}) > 2  # long and short: several groups
     model.zero_grad()

@@ -48,6 +48,8 @@ details.step>summary{font-size:1.2em;font-weight:600;padding:.5em 0;cursor:point
 .rollout{border-left:3px solid #d8d8de;margin:.9em 0;padding:.1em 0 .1em .8em}
 .rhead{font-size:13px;color:#444;margin-bottom:.2em}
 .reward{font-weight:700}
+.why{color:#333}
+.cut{font-size:11px;color:#fff;background:#b35900;border-radius:3px;padding:0 4px}
 .pos{color:#1a7f37}.neg{color:#c62828}.zero{color:#666}
 .toks>span{border-radius:2px}
 .p{color:#888;font-style:italic}
@@ -82,10 +84,11 @@ class RolloutReport:
     """
 
     def __init__(self, path: Union[str, Path], keep_steps: int = 5, *, keep_first: bool = True,
-                 title: Optional[str] = None):
+                 title: Optional[str] = None, info: Optional[str] = None):
         if keep_steps < 1:
             raise ValueError(f"keep_steps must be >= 1, got {keep_steps}")
         self.path = Path(path)
+        self.info = info  # a line under the title (the run's tool format, say)
         self.keep_steps = keep_steps
         self.keep_first = keep_first
         self.title = title if title is not None else self.path.resolve().parent.name
@@ -113,6 +116,7 @@ class RolloutReport:
             sections.append(self._first[1].replace("</summary>", " · first step</summary>", 1))
             shown.append(self._first[0])
         title = html.escape(self.title)
+        info = f'<p class="sub toks">{_visible(self.info)}</p>\n' if self.info else ""
         nav = " ".join(f'<a href="#step-{s}">step {s}</a>' for s in shown)
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
                 f'<meta name="viewport" content="width=device-width,initial-scale=1">'
@@ -120,7 +124,7 @@ class RolloutReport:
                 f"<style>{_CSS % {'warm': WARM_RGB, 'cool': COOL_RGB}}{_shade_css()}</style>"
                 f"</head><body>\n"
                 f"<h1>{title}</h1>\n<p class=\"sub\">sampled rollouts · latest step {steps[0]}"
-                f" · updated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>\n{_LEGEND}\n"
+                f" · updated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>\n{info}{_LEGEND}\n"
                 f"<nav>{nav}</nav>\n" + "\n".join(sections) + "\n</body></html>\n")
 
 
@@ -256,19 +260,31 @@ def _render_rollout(index: int, rollout: dict, branches: list[dict]) -> str:
     forks = sorted(set(rollout.get("branch_points", ())) | {b["position"] for b in branches})
     marker = {p: k + 1 for k, p in enumerate(forks)}
     n_model = sum(map(bool, rollout["model"]))
-    head = (f'<div class="rhead">rollout {index + 1} · reward {_reward(rollout["reward"])} · '
-            f"{len(tokens)} tokens ({n_model} model) · {len(branches)} branches</div>")
+    head = (f'<div class="rhead">rollout {index + 1} · reward {_reward(rollout["reward"])}'
+            f'{_why(rollout)} · {len(tokens)} tokens ({n_model} model) · {len(branches)} branches'
+            f"</div>")
     items = []
     for b in branches:
         p = b["position"]
         start = max(0, p + 1 - PREFIX_CONTEXT_TOKENS)
         context = _render_tokens(rollout, marker, range(start, p + 1))
         items.append(f'<li><span class="mark">{marker[p]}</span> fork after token {p} · reward '
-                     f'{_reward(b["reward"])}<div class="toks"><span class="ctx">'
+                     f'{_reward(b["reward"])}{_why(b)}<div class="toks"><span class="ctx">'
                      f'{"…" if start else ""}{context}</span>{_visible(b["text"])}</div></li>')
     branch_list = f'<ol class="branches">{"".join(items)}</ol>' if items else ""
     body = _render_tokens(rollout, marker, range(len(tokens)))
     return f'<div class="rollout">{head}<div class="toks">{body}</div>{branch_list}</div>'
+
+
+def _why(item: dict) -> str:
+    """The reward's reason (its detail in the tooltip) and a finish mark, if the item has them."""
+    out = ""
+    if item.get("reason"):
+        tip = f' title="{html.escape(str(item["detail"]))}"' if item.get("detail") else ""
+        out += f' · <span class="why"{tip}>{html.escape(str(item["reason"]))}</span>'
+    if item.get("finish"):
+        out += f' <span class="cut">{html.escape(str(item["finish"]))}</span>'
+    return out
 
 
 def _render_tokens(rollout: dict, marker: dict[int, int], positions: range) -> str:

@@ -1,4 +1,5 @@
-"""The text protocol of agentic rollouts (the ARPO/APPO format).
+"""The tags of appo's tool format (the ARPO/APPO text format; `appo.rollout.protocol` holds the
+protocols built on them).
 
 The model calls a tool by writing `<name>arguments</name>` for a registered tool name; generation
 pauses at the closing tag, the tool runs, and `<result>text</result>` is appended as tool tokens
@@ -29,12 +30,17 @@ def tool_call_at_end(text: str, tool_names: Iterable[str]) -> Optional[tuple[str
 _PROTOCOL_TAGS = (RESULT_OPEN, RESULT_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
 
+def escape_protocol_tags(text: str, extra: Iterable[str] = ()) -> str:
+    """`text` with the protocol's tags (and `extra` ones) written with square brackets."""
+    for tag in (*_PROTOCOL_TAGS, *extra):
+        text = text.replace(tag, "[" + tag[1:-1] + "]")
+    return text
+
+
 def format_tool_result(result: str) -> str:
     """`<result>text</result>`; protocol tags inside the tool's text are written with square
     brackets, so a tool's output can never close the result block or fake an answer."""
-    for tag in _PROTOCOL_TAGS:
-        result = result.replace(tag, "[" + tag[1:-1] + "]")
-    return f"{RESULT_OPEN}{result}{RESULT_CLOSE}"
+    return f"{RESULT_OPEN}{escape_protocol_tags(result)}{RESULT_CLOSE}"
 
 
 def ends_answer(text: str) -> bool:

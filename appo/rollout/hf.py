@@ -47,13 +47,14 @@ from __future__ import annotations
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .base import Sample, SamplingParams, weights_of
+from .protocol import AUTO, ToolProtocol
 from .toolloop import (DEFAULT_TOOL_TIMEOUT_S, Rollout, ToolLoop, Tools, call_seed, check_n,
                        copy_sample, stop_ids_of, stream_seed)
 
@@ -232,11 +233,14 @@ class HFEngine:
     keep_kv: keep the finished samples' caches for forks (see the module docstring).
     stop_token_ids: tokens that end a sample; default the tokenizer's and generation config's EOS.
     tool_timeout: seconds a tool may run before its result becomes an error text (None: no limit).
+    protocol: the tool-call format (`appo.rollout.protocol`): a ToolProtocol, or "tags", "chat",
+    "auto" (chat when the tokenizer has a chat template).
     """
 
     def __init__(self, model, tokenizer, tools: Optional[Tools] = None, *, keep_kv: bool = True,
                  stop_token_ids: Optional[Sequence[int]] = None,
-                 tool_timeout: Optional[float] = DEFAULT_TOOL_TIMEOUT_S):
+                 tool_timeout: Optional[float] = DEFAULT_TOOL_TIMEOUT_S,
+                 protocol: Union[ToolProtocol, str] = AUTO):
         self.model, self.tokenizer, self.keep_kv = model, tokenizer, keep_kv
         self.stats: Counter = Counter()
         self._kept: dict[int, tuple[weakref.ref, _PrefixKV]] = {}
@@ -250,7 +254,8 @@ class HFEngine:
             stop_token_ids = stop_ids_of(tokenizer, getattr(config, "eos_token_id", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.loop = ToolLoop(tokenizer, self.vocab_size, tools, stop_token_ids, tool_timeout)
+        self.loop = ToolLoop(tokenizer, self.vocab_size, tools, stop_token_ids, tool_timeout,
+                             protocol)
 
     @property
     def device(self) -> torch.device:
@@ -259,6 +264,10 @@ class HFEngine:
     @property
     def tools(self) -> Tools:
         return self.loop.tools
+
+    @property
+    def protocol(self) -> ToolProtocol:
+        return self.loop.protocol
 
     # ---- the Engine protocol
 

@@ -5,7 +5,9 @@ An engine samples model tokens; whenever it has appended some to a sample (and t
 response token, in this order:
 
 - EOS (any of the stop ids) or a text ending in `</answer>` finishes with "stop".
-- A completed call `<name>args</name>` (name in the tool mapping) runs the tool if fewer than
+- A completed call (in the protocol's format, `appo.rollout.protocol`: `<name>args</name>` for a
+  name in the tool mapping, or a chat model's `<tool_call>{...}</tool_call>`) runs the tool if
+  fewer than
   `max_tool_calls` calls ran so far; the call beyond the limit is not run and finishes the sample
   with "tool_limit"; a call completed on the last allowed response token is not run and finishes
   with "length". A tool result is appended as mask-0 tokens with log-prob 0.0; one that does not
@@ -18,21 +20,24 @@ closing a call runs that call. Calls closed in the same step run in parallel thr
 raises or returns a non-string yields an error or str() text, one that runs past `tool_timeout`
 seconds an error text (its thread is abandoned).
 
-Tool-call detection follows `format.tool_call_at_end`: the decoded text of the model tokens since
-the last tool result must *end* with the closing tag, so with BPE tokenizers a tag merged with the
-next characters into one token is not seen (exact for the character tokenizer).
+A malformed chat call (bad JSON, an unknown tool) counts as a call and gets the error as its
+result, so the model sees what went wrong.
+
+Tool-call detection: the decoded text of the model tokens since the last tool result must *end*
+with the closing tag (trailing whitespace allowed), so with BPE tokenizers a tag merged with the
+next non-space characters into one token is not seen (exact for the character tokenizer).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from .base import Sample, SamplingParams
-from .format import ANSWER_CLOSE, ends_answer, format_tool_result, tool_call_at_end
+from .protocol import AUTO, ToolCall, ToolProtocol, make_protocol
 
 DEFAULT_TOOL_TIMEOUT_S = 60.0
 Tools = Mapping[str, Callable[[str], str]]
@@ -134,21 +139,27 @@ class Rollout:
 
 
 class ToolLoop:
-    """The rules above for one engine: its tokenizer, vocabulary, stop ids and tools.
+    """The rules above for one engine: its tokenizer, vocabulary, stop ids, tools and protocol.
 
     tools: mapping name -> callable(arguments: str) -> str; None uses the registry of
     `appo.rollout.tools`, read at each call so tools registered later are seen.
+    protocol: a `ToolProtocol` or a name (`tags`, `chat`, `auto`: chat when the tokenizer has
+    a chat template).
     """
 
     def __init__(self, tokenizer, vocab_size: int, tools: Optional[Tools],
-                 stop_ids: Iterable[int], tool_timeout: Optional[float]):
+                 stop_ids: Iterable[int], tool_timeout: Optional[float],
+                 protocol: Union[ToolProtocol, str] = AUTO):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self._tools, self.tool_timeout = tools, tool_timeout
         self.stop_ids = frozenset(stop_ids)
-        # which tokens can end a closing tag: only then is the segment decoded and searched
-        tokens = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_size))))
-        self._ends_tag = [bool(t) and t.endswith(">") for t in tokens] + \
-            [False] * (vocab_size - len(tokens))
+        self.protocol = (protocol if isinstance(protocol, ToolProtocol)
+                         else make_protocol(protocol, tokenizer))
+        # which tokens can end a closing tag (every pause text ends with ">"), maybe followed by
+        # white space: only then is the segment decoded and searched
+        texts = tokenizer.batch_decode([[i] for i in range(min(len(tokenizer), vocab_size))])
+        self._ends_tag = [t.rstrip().endswith(">") for t in texts] + \
+            [False] * (vocab_size - len(texts))
 
     @property
     def tools(self) -> Tools:
@@ -160,7 +171,7 @@ class ToolLoop:
 
     def closing_tags(self, tools: Tools) -> list[str]:
         """The texts whose end may end a sample or call a tool: where generation must pause."""
-        return [f"</{name}>" for name in tools] + [ANSWER_CLOSE]
+        return self.protocol.pause_texts(tools)
 
     # ---- argument checks at the engines' public boundary
 
@@ -189,7 +200,7 @@ class ToolLoop:
     # ---- the rules
 
     def after_token(self, row: Rollout, sampling: SamplingParams,
-                    tools: Tools) -> Optional[tuple[str, str]]:
+                    tools: Tools) -> Optional[ToolCall]:
         """Apply the stop rules to the row's last response token (already in `row.segment` if the
         model wrote it); the tool call to run, if any."""
         s = row.sample
@@ -201,10 +212,10 @@ class ToolLoop:
                 return None
             if token < len(self._ends_tag) and self._ends_tag[token]:
                 text = self.tokenizer.decode(row.segment, skip_special_tokens=True)
-                if ends_answer(text):
+                if self.protocol.ends_answer(text):
                     row.finish("stop")
                     return None
-                call = tool_call_at_end(text, tools) if tools else None
+                call = self.protocol.call_at_end(text, tools) if tools else None
                 if call is not None and s.n_tool_calls >= sampling.max_tool_calls:
                     row.finish("tool_limit")
                     return None
@@ -217,9 +228,7 @@ class ToolLoop:
     def append_tool_result(self, row: Rollout, result: str, sampling: SamplingParams) -> list[int]:
         """Append the result as tool tokens (cut at max_response_len); the ids appended."""
         s = row.sample
-        ids = self.tokenizer.encode(format_tool_result(result), add_special_tokens=False,
-                                    split_special_tokens=True)  # a result saying "<eos>" is text
-        ids = ids[:sampling.max_response_len - len(s.response_ids)]
+        ids = self.protocol.result_ids(result)[:sampling.max_response_len - len(s.response_ids)]
         s.response_ids += ids
         s.response_mask += [0] * len(ids)
         s.response_logprobs += [0.0] * len(ids)
@@ -240,6 +249,12 @@ class ToolLoop:
                 calls.append((r, call))
         if not calls:
             return []
-        results = run_tools([(tools[name], args) for _, (name, args) in calls], self.tool_timeout)
+        results = run_tools([(tools[call.name] if call.error is None else _fixed(call.error),
+                              call.argument) for _, call in calls], self.tool_timeout)
         return [(r, self.append_tool_result(r, result, sampling))
                 for (r, _), result in zip(calls, results)]
+
+
+def _fixed(text: str) -> Callable[[str], str]:
+    """A stand-in tool for a malformed call: its result is the error text."""
+    return lambda _arguments: text

@@ -1,9 +1,12 @@
 """Tools the rollout loop can call, registered by name (SPEC §3.1, issue 5 item 4).
 
-A tool is `fn(arguments: str) -> str`: it gets the text between `<name>` and `</name>` and returns
-the text that the loop appends as `<result>...</result>`. Tools never raise into the rollout: the
-registry wraps every tool so that an exception comes back as result text ("error: ..."), and the
-built-in tools turn their own failures into clear messages.
+A tool is `fn(arguments: str) -> str`: it gets the text of the call's one argument (between
+`<name>` and `</name>` in the tag format; the value of its one parameter in a chat model's JSON
+call) and returns the text that the loop appends as the tool's result. Tools never raise into the
+rollout: the registry wraps every tool so that an exception comes back as result text
+("error: ..."), and the built-in tools turn their own failures into clear messages. A tool also
+has a description and a parameter name, which a chat model sees as its function schema
+(`tool_schema`).
 
     register_tool("echo", lambda arguments: arguments)  # or as a decorator
     get_tool("calculator")("3 + 4 * (5 - 2)")          # '15'
@@ -36,27 +39,47 @@ from appo.registry import Registry
 ToolFn = Callable[[str], str]
 
 _TOOLS = Registry("tool", "callable as fn(arguments: str) -> str")
-# tags of the text protocol itself (appo.rollout.format): a tool of that name would be ambiguous
-_RESERVED_NAMES = frozenset({"result", "answer"})
+# tags of the tool protocols themselves (appo.rollout.protocol): a tool of that name would be
+# ambiguous
+_RESERVED_NAMES = frozenset({"result", "answer", "tool_call"})
 _TOOL_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def register_tool(name: str, fn: Optional[ToolFn] = None, *, replace: bool = False):
+@dataclass(frozen=True)
+class ToolSpec:
+    """What a chat model is told about a tool: its description and its one string parameter."""
+
+    description: str
+    parameter: str = "input"
+
+
+_SPECS: dict[str, ToolSpec] = {}
+
+
+def register_tool(name: str, fn: Optional[ToolFn] = None, *, replace: bool = False,
+                  description: Optional[str] = None, parameter: str = "input"):
     """Register `fn` as the tool `name`; without `fn`, return a decorator that does.
 
     `name` becomes the tag the model writes (`<name>arguments</name>`), so it must be an identifier
-    and not one of the protocol's own tags (`result`, `answer`). Registering a taken name raises
-    unless `replace=True` (e.g. to swap in a `PythonTool` with other limits). Returns `fn`
+    and not one of the protocols' own tags (`result`, `answer`, `tool_call`). `description` and
+    `parameter` (the name of the one string argument) form the tool's schema for chat models;
+    the description defaults to the first line of `fn`'s docstring. Registering a taken name
+    raises unless `replace=True` (e.g. to swap in a `PythonTool` with other limits). Returns `fn`
     unchanged; the registry holds a wrapper that turns exceptions and non-string results into
     result text.
     """
     if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
         raise ValueError(f"tool name must be an identifier (letters, digits, _), got {name!r}")
     if name in _RESERVED_NAMES:
-        raise ValueError(f"tool name {name!r} is reserved by the tool-call text protocol")
+        raise ValueError(f"tool name {name!r} is reserved by the tool-call protocols")
+    if not isinstance(parameter, str) or not _TOOL_NAME_RE.match(parameter):
+        raise ValueError(f"parameter must be an identifier, got {parameter!r}")
 
     def add(tool: ToolFn) -> ToolFn:
-        return _TOOLS.add(name, tool, replace=replace, transform=_never_raises)
+        _TOOLS.add(name, tool, replace=replace, transform=_never_raises)
+        doc = (getattr(tool, "__doc__", None) or "").strip().splitlines()
+        _SPECS[name] = ToolSpec(description or (doc[0] if doc else f"the {name} tool"), parameter)
+        return tool
 
     return add if fn is None else add(fn)
 
@@ -69,6 +92,21 @@ def get_tool(name: str) -> ToolFn:
 def tool_names() -> tuple[str, ...]:
     """Names of the registered tools, in registration order."""
     return _TOOLS.names()
+
+
+def tool_spec(name: str) -> ToolSpec:
+    _TOOLS.get(name)  # raises ValueError for an unknown tool
+    return _SPECS[name]
+
+
+def tool_schema(name: str) -> dict:
+    """The tool as a JSON-schema function, the form `apply_chat_template(tools=...)` takes."""
+    spec = tool_spec(name)
+    return {"type": "function", "function": {
+        "name": name, "description": spec.description,
+        "parameters": {"type": "object",
+                       "properties": {spec.parameter: {"type": "string"}},
+                       "required": [spec.parameter]}}}
 
 
 def _never_raises(tool: ToolFn) -> ToolFn:
@@ -471,5 +509,8 @@ def _probe_network_isolation(tool: PythonTool) -> bool:
     return tool(probe) == "True"
 
 
-register_tool("calculator", calculator)
-register_tool("python", PythonTool())
+register_tool("calculator", calculator, parameter="expression",
+              description="Evaluate an arithmetic expression (numbers, + - * / // % **, "
+                          "parentheses) and return its value.")
+register_tool("python", PythonTool(), parameter="code",
+              description="Run a Python program and return what it prints (stdout and stderr).")

@@ -47,12 +47,13 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .base import Sample, SamplingParams, weights_of
+from .protocol import AUTO, ToolProtocol
 from .toolloop import (DEFAULT_TOOL_TIMEOUT_S, Rollout, ToolLoop, Tools, call_seed, check_n,
                        copy_sample, stop_ids_of, stream_seed)
 
@@ -115,6 +116,8 @@ class VLLMEngine:
     the log-probs mode are set by the engine.
     stop_token_ids: tokens that end a sample; default the tokenizer's and the model config's EOS.
     tool_timeout: seconds a tool may run before its result becomes an error text (None: no limit).
+    protocol: the tool-call format (`appo.rollout.protocol`): a ToolProtocol, or "tags", "chat",
+    "auto" (chat when the tokenizer has a chat template).
     stats: `requests` submitted, their `prompt_tokens` and `cached_tokens` (prompt tokens served by
     the prefix cache), `generated_tokens`, `tool_calls`.
     """
@@ -123,7 +126,8 @@ class VLLMEngine:
                  dtype=None, gpu_memory_utilization: float = 0.5,
                  max_model_len: Optional[int] = None,
                  stop_token_ids: Optional[Sequence[int]] = None,
-                 tool_timeout: Optional[float] = DEFAULT_TOOL_TIMEOUT_S, **llm_kwargs):
+                 tool_timeout: Optional[float] = DEFAULT_TOOL_TIMEOUT_S,
+                 protocol: Union[ToolProtocol, str] = AUTO, **llm_kwargs):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -144,19 +148,20 @@ class VLLMEngine:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        self._attach(llm, tokenizer, tools, stop_token_ids, tool_timeout)
+        self._attach(llm, tokenizer, tools, stop_token_ids, tool_timeout, protocol)
 
     @classmethod
     def from_llm(cls, llm, tokenizer, tools: Optional[Tools] = None, *,
                  stop_token_ids: Optional[Sequence[int]] = None,
-                 tool_timeout: Optional[float] = DEFAULT_TOOL_TIMEOUT_S) -> "VLLMEngine":
+                 tool_timeout: Optional[float] = DEFAULT_TOOL_TIMEOUT_S,
+                 protocol: Union[ToolProtocol, str] = AUTO) -> "VLLMEngine":
         """An engine on an existing `vllm.LLM` (made with enable_prefix_caching=True and
         logprobs_mode="processed_logprobs"); several engines may share one."""
         engine = cls.__new__(cls)
-        engine._attach(llm, tokenizer, tools, stop_token_ids, tool_timeout)
+        engine._attach(llm, tokenizer, tools, stop_token_ids, tool_timeout, protocol)
         return engine
 
-    def _attach(self, llm, tokenizer, tools, stop_token_ids, tool_timeout) -> None:
+    def _attach(self, llm, tokenizer, tools, stop_token_ids, tool_timeout, protocol) -> None:
         config = llm.llm_engine.vllm_config
         if config.model_config.logprobs_mode != LOGPROBS_MODE:
             raise ValueError(f"the LLM must be made with logprobs_mode={LOGPROBS_MODE!r} "
@@ -171,13 +176,18 @@ class VLLMEngine:
                 tokenizer, getattr(config.model_config.hf_config, "eos_token_id", None),
                 config.model_config.try_get_generation_config().get("eos_token_id"))
         self.vocab_size = config.model_config.get_vocab_size()
-        self.loop = ToolLoop(tokenizer, self.vocab_size, tools, stop_token_ids, tool_timeout)
+        self.loop = ToolLoop(tokenizer, self.vocab_size, tools, stop_token_ids, tool_timeout,
+                             protocol)
         self.stats: Counter = Counter()
         self._request_ids = itertools.count()
 
     @property
     def tools(self) -> Tools:
         return self.loop.tools
+
+    @property
+    def protocol(self) -> ToolProtocol:
+        return self.loop.protocol
 
     # ---- the Engine protocol
 

@@ -21,12 +21,12 @@ import hashlib
 import random
 import re
 from fractions import Fraction
-from typing import Union
+from typing import Optional, Union
 
 from appo.rollout.format import format_tool_result
 from appo.rollout.tools import get_tool
 
-from .base import Problem, Task, parse_response, register_task
+from .base import Grade, Problem, Task, register_task
 
 EVAL_SHARE = 0.1  # fraction of all possible prompts that belong to the eval split
 _MAX_REDRAWS = 10_000  # operand draws for one problem shape before the options count as too tight
@@ -71,16 +71,15 @@ class CalcTask(Task):
     `EVAL_SHARE` of its range, so the splits are disjoint by construction and the eval split does
     not depend on `n_train`; each split draws distinct prompts from its own seeded stream.
 
-    Reward: -1 for bad format (`parse_response` with the calculator as the only tool: exactly one
+    Reward: -1 for bad format (`Task.parse` with the calculator as the only tool: exactly one
     non-empty answer at the end, well-formed calls each followed by its result); otherwise 1 when
     the answer is a number equal to the problem's answer ("15", "15.0" and "+15" all count for
-    15), else 0.
+    15), else 0. Reasons: "bad format: <what is wrong>", "correct", "wrong answer".
     """
 
     name = "calc"
     tool_names = ("calculator",)
-    instructions = ("Solve the problem one operation at a time with the calculator: "
-                    "<calculator>expression</calculator> gives <result>value</result>. "
+    instructions = ("Solve the problem one operation at a time with the calculator tool. "
                     "Then write the final number as <answer>number</answer>.")
 
     def __init__(self, seed: int = 0, n_train: int = 10_000, n_eval: int = 200, min_ops: int = 2,
@@ -110,11 +109,13 @@ class CalcTask(Task):
             self._splits[name] = self._generate(name)
         return list(self._splits[name])
 
-    def reward(self, response_text: str, problem: Problem) -> float:
-        parsed = parse_response(response_text, self.tool_names)
+    def grade(self, response_text: str, problem: Problem) -> Grade:
+        parsed = self.parse(response_text)
         if parsed.error is not None:
-            return -1.0
-        return 1.0 if _same_number(parsed.answer, problem.answer) else 0.0
+            return Grade(-1.0, f"bad format: {parsed.error}")
+        if _same_number(parsed.answer, problem.answer):
+            return Grade(1.0, "correct")
+        return Grade(0.0, "wrong answer", f"answered {parsed.answer!r}, expected {problem.answer}")
 
     def demonstration(self, problem: Problem, rng: random.Random) -> str:
         """One calculator call per operation, each on operands that are already numbers; `rng`

@@ -1,0 +1,133 @@
+"""What the trainer reports about one step's rollouts: its metrics, the groups that
+`rollouts.html` shows, and a plain account of what the rewards had in common when a step has no
+learning signal. Takes the step's `RolloutSet`s (appo.algorithms)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+FINISH_MARKS = {"length": "cut at the length limit", "tool_limit": "stopped at the tool-call limit"}
+
+
+def rollout_groups(decode: Callable[[list[int]], str], problems: Sequence, prompts: Sequence,
+                   init, branches, branching, score, entropy, k: int) -> list[dict]:
+    """The `RolloutReport.add_step` groups of the first `k` prompts of a step: `init` and
+    `branches` are the step's RolloutSets (branch b forks `branching.parent[b]` after token
+    `branching.position[b]`), `score` and `entropy` per token of `init`; `decode(ids)` gives
+    the text of token ids (the prompt as the model sees it: chat template, system prompt)."""
+    bounds = init.cu_seqlens.tolist()
+    parents, positions = branching.parent.tolist(), branching.position.tolist()
+    score, entropy, mask = score.tolist(), entropy.tolist(), init.mask.tolist()
+    groups = []
+    for g in range(min(k, len(problems))):
+        members = [s for s in range(len(init)) if int(init.group[s]) == g]
+        rollouts, branch_rows = [], []
+        for r, s in enumerate(members):
+            lo, hi = bounds[s], bounds[s + 1]
+            sample, model = init.samples[s], mask[lo:hi]
+            rollouts.append({
+                "tokens": [decode([t]) for t in sample.response_ids],
+                "model": model,
+                "score": [v if m else None for v, m in zip(score[lo:hi], model)],
+                "entropy": [v if m else None for v, m in zip(entropy[lo:hi], model)],
+                "reward": float(init.rewards[s]),
+                **_grade_fields(init.grades, s),
+                "finish": FINISH_MARKS.get(sample.finish_reason),
+                "branch_points": [p for b, p in enumerate(positions) if parents[b] == s],
+            })
+            for b, (parent, position) in enumerate(zip(parents, positions)):
+                if parent == s:
+                    fork = branches.samples[b]
+                    branch_rows.append({
+                        "parent": r, "position": position,
+                        "text": decode(fork.response_ids[position + 1:]),
+                        "reward": float(branches.rewards[b]), **_grade_fields(branches.grades, b),
+                        "finish": FINISH_MARKS.get(fork.finish_reason)})
+        groups.append({"prompt": decode(list(prompts[g])), "answer": problems[g].answer,
+                       "rollouts": rollouts, "branches": branch_rows})
+    return groups
+
+
+def _grade_fields(grades: Sequence, i: int) -> dict:
+    if i >= len(grades):
+        return {}
+    return {"reason": grades[i].reason, "detail": grades[i].detail}
+
+
+def common_reasons(grades: Sequence, limit: int = 3) -> Optional[str]:
+    """What the grades say, most common first: "all 8 rollouts: bad format: no <answer>" or
+    "6 rollouts: wrong answer; 2: correct"; None without grades."""
+    counts = Counter(g.reason for g in grades).most_common()
+    if not counts:
+        return None
+    if len(counts) == 1:
+        return f"all {counts[0][1]} rollouts: {counts[0][0]}"
+    shown = [f"{n} rollouts: {reason}" if i == 0 else f"{n}: {reason}"
+             for i, (reason, n) in enumerate(counts[:limit])]
+    rest = sum(n for _, n in counts[limit:])
+    return "; ".join(shown) + (f"; {rest} other" if rest else "")
+
+
+def rollout_metrics(init, branches, old, times: dict) -> dict:
+    """The rollout half of a step's metrics: rewards, entropy, lengths, tool calls, branches,
+    throughput and the tree saving (`old`: the old-policy pass over `init`)."""
+    from appo.algorithms import masked_mean
+
+    rewards = init.rewards
+    model_mean = masked_mean(init.mask)
+    generated = int(init.cu_seqlens[-1]) + (0 if branches is None else _new_tokens(branches))
+    record = {
+        "reward_mean": float(rewards.mean()),
+        "accuracy": float((rewards >= 1).float().mean()),
+        "bad_format": float((rewards <= -1).float().mean()),
+        "entropy_mean": float(model_mean(old.entropy)),
+        # engine vs trainer log-probs of the same tokens under the same weights: ~0 unless
+        # the two disagree (misaligned tokens, another temperature, lower-precision sampling)
+        "rollout_logprob_gap": float(model_mean((old.logprob - init.rollout_logprob).abs())),
+        "response_length_mean": float(init.lengths.float().mean()),
+        "truncated": float(np.mean([s.finish_reason == "length" for s in init.samples])),
+        "tool_calls_mean": float(np.mean([s.n_tool_calls for s in init.samples])),
+        "branches": 0 if branches is None else len(branches),
+        "tokens_per_s": generated / max(times["rollout"], 1e-9),
+        "tree_tokens": old.forward_tokens,
+        "unrolled_tokens": old.sequence_tokens,
+        "time_rollout": times["rollout"],
+        "time_train": times["train"],
+    }
+    if branches is not None:
+        record["reward_branch_mean"] = float(branches.rewards.mean())
+    return record
+
+
+def _new_tokens(branches) -> int:
+    """Tokens the engine sampled for branches (a fork's copied prefix is not new)."""
+    return sum(len(s.response_ids) - (s.fork_of[1] + 1 if s.fork_of else 0)
+               for s in branches.samples)
+
+
+def zero_variance_groups(rewards, group) -> int:
+    """The prompt groups whose sequences all have the same reward (no advantage within them)."""
+    import torch
+
+    n = int(group.max()) + 1
+    high = torch.full((n,), -torch.inf, device=rewards.device).scatter_reduce(
+        0, group, rewards, "amax")
+    low = torch.full((n,), torch.inf, device=rewards.device).scatter_reduce(
+        0, group, rewards, "amin")
+    present = torch.bincount(group, minlength=n) > 0
+    return int(((high == low) & present).sum())
+
+
+def first_eval(records: Sequence[dict]) -> Optional[float]:
+    return next((r["eval_accuracy"] for r in records if "eval_accuracy" in r), None)
+
+
+def describe_eval(record: dict) -> str:
+    if "eval_accuracy" not in record:
+        return f"step {record['step']}: no evaluation (data.val_size = 0)"
+    return (f"step {record['step']}: held-out accuracy {record['eval_accuracy']:.3f}, "
+            f"reward {record['eval_reward']:+.3f}, bad format {record['eval_bad_format']:.3f} "
+            f"({record['eval_n']} problems)")
