@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     if args.resume:
-        from appo.trainer import load_run_config
+        from appo.run import load_run_config
 
         config = load_run_config(args.resume)
         if args.config:

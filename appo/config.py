@@ -134,9 +134,11 @@ class TrainerConfig:
     save_freq: int = 10  # checkpoint every this many steps (and after the last)
     default_local_dir: Optional[str] = None  # the run's output directory; None: runs/<algo>-<time>
     device: str = "auto"  # auto: cuda when available, else cpu
-    # torch threads on a CPU device: small models run fastest on one (several threads spin-wait
-    # on each tiny matmul, badly so when another process holds a core); None: torch's default
-    cpu_threads: Optional[int] = 1
+    # torch threads on a CPU device. None: 1 for the embedded model (its ops are so small that
+    # several threads only spin-wait on each other, badly so when another process holds a core),
+    # torch's default (the cores) for a real model (SmolLM2-135M: 72 s a step on 2 threads,
+    # 96 s on 1; docs/training.md)
+    cpu_threads: Optional[int] = None
     progress: bool = True
     html_prompts: int = 2  # prompts per step shown in rollouts.html
     max_time_s: Optional[float] = None  # stop (after a full step, with a checkpoint) past this

@@ -5,7 +5,7 @@
 Every per-token quantity comes from `appo_kernels`: exact entropy and log-probs from one packed
 tree pass (`appo.packing`), Ω, branching scores, branch selection, group/procedure advantages,
 future-KL scaling, the clipped loss and the KL penalty. Nothing here recomputes them by hand.
-Around the loop: models (`appo.models`), engines (`appo.rollout.engines`), the tool protocol
+Around the loop: the policy and reference models (`appo.policy`), engines (`appo.rollout.engines`), the tool protocol
 (`appo.rollout.protocol`), the output directory, checkpoints and signals (`appo.run`), and what a
 run reports (`appo.report`).
 
@@ -45,8 +45,7 @@ from appo.rollout.base import SamplingParams
 from appo.rollout.engines import EngineContext, make_engine
 from appo.rollout.protocol import make_protocol
 from appo.rollout.tools import get_tool
-from appo.run import (CONFIG_FILE, EXIT_INTERRUPTED, Interrupts, RunDir,  # noqa: F401
-                      default_out_dir, load_run_config)
+from appo.run import CONFIG_FILE, Interrupts, RunDir, default_out_dir
 from appo.tasks import get_task
 from appo_kernels import (branching_score, future_kl_scale, future_value, kl_penalty,
                           policy_loss, vocab_flags)
@@ -71,8 +70,9 @@ class Trainer:
         self.out = self.run.path
         self.device = torch.device(cfg.trainer.device if cfg.trainer.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cpu" and cfg.trainer.cpu_threads:
-            torch.set_num_threads(cfg.trainer.cpu_threads)
+        threads = cfg.trainer.cpu_threads or (1 if cfg.model.path is None else None)
+        if self.device.type == "cpu" and threads:
+            torch.set_num_threads(threads)
         self.task = get_task(cfg.data.task, **cfg.data.task_options)
         self.train_problems = self.task.split("train")
         if len(self.train_problems) < cfg.data.train_batch_size:

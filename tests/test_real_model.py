@@ -57,7 +57,7 @@ def test_smollm2_trains_from_its_gguf_file_and_resumes(gguf, tmp_path, capsys):
              f"data.task_options={{path: {PROBLEMS}, reward_fn: numeric, tools: [calculator]}}",
              "data.train_batch_size=4", "actor_rollout_ref.rollout.n=4", "algorithm.branch_budget=2",
              "data.max_response_length=64", "data.val_size=4", "trainer.test_freq=0",
-             "actor_rollout_ref.actor.ppo_mini_batch_size=4", "trainer.cpu_threads=2",
+             "actor_rollout_ref.actor.ppo_mini_batch_size=4",
              "actor_rollout_ref.actor.optim.lr=1e-6", "actor_rollout_ref.actor.kl_loss_coef=0.001"]
     first, first_s = appo_train(*flags, "--steps", "1")
     assert (out / "checkpoints" / "step_000001" / "model" / "model.safetensors").exists()

@@ -234,3 +234,38 @@ def test_format_postfix_is_short_and_skips_missing():
                               "tokens_per_s": 15321.7, "approx_kl": 1e-3})
     assert postfix == {"reward": "0.412", "H": "1.23", "br": "12", "tok/s": "15.3k"}
     assert format_postfix({"reward_mean": None}) == {}
+
+
+def test_page_shows_reasons_finish_marks_and_the_run_info(tmp_path):
+    report = RolloutReport(tmp_path / "rollouts.html", info="tool format chat: <tool_call>")
+    groups = _groups(1)
+    groups[0]["rollouts"][0].update(reason="wrong answer", detail="answered '8'",
+                                    finish="cut at the length limit")
+    groups[0]["branches"][0].update(reason="bad format: <no answer>")
+    report.add_step(1, groups)
+    page = (tmp_path / "rollouts.html").read_text(encoding="utf-8")
+    parser = _TagBalance()
+    parser.feed(page)
+    assert parser.stack == []
+    assert "tool format chat: &lt;tool_call&gt;" in page
+    assert '<span class="why" title="answered &#x27;8&#x27;">wrong answer</span>' in page
+    assert '<span class="cut">cut at the length limit</span>' in page
+    assert "bad format: &lt;no answer&gt;" in page
+    assert page.count('class="cut"') == 1  # only the rollout that was cut
+
+
+def test_common_reasons_and_flat_groups():
+    import torch
+
+    from appo.report.steps import common_reasons, zero_variance_groups
+    from appo.tasks import Grade
+
+    grades = [Grade(0.0, "wrong answer")] * 5 + [Grade(-1.0, "bad format: no <answer>")] * 2 + \
+        [Grade(1.0, "correct"), Grade(0.0, "x"), Grade(0.0, "y")]
+    assert common_reasons(grades) == ("5 rollouts: wrong answer; 2: bad format: no <answer>; "
+                                      "1: correct; 2 other")
+    assert common_reasons(grades[:3]) == "all 3 rollouts: wrong answer"
+    assert common_reasons([]) is None
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, -1.0, -1.0, 0.5])
+    group = torch.tensor([0, 0, 1, 1, 2, 2, 3])  # flat: groups 0, 2 and 3 (a singleton)
+    assert zero_variance_groups(rewards, group) == 3

@@ -9,6 +9,10 @@ rollout page, and the progress bar. Pure Python + numpy + matplotlib (Agg) + tqd
     bar = progress(total_steps, initial=start, desc="appo", enabled=True)
     bar.set_postfix(format_postfix(metrics)); bar.update()
 
+`loggers.RunLoggers` sends each step's record to the loggers of `trainer.logger` (metrics.jsonl,
+the console, tensorboard, wandb); `steps` turns a step's rollouts into its metrics, the groups of
+rollouts.html and, when a step has no learning signal, the reason.
+
 Every file is replaced atomically (a temporary file beside it, then a rename), so a crash leaves
 either the old or the new version, never half of one; the metrics log is appended line by line.
 """

@@ -176,8 +176,8 @@ class ChatProtocol(ToolProtocol):
             raise ValueError("actor_rollout_ref.rollout.tool_format=chat needs a tokenizer with "
                              "a chat template; this one has none (use tool_format=tags)")
         self.result_open, self.result_close = self._tool_turn()
-        encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-        self._open_ids, self._close_ids = encode(self.result_open), encode(self.result_close)
+        self._open_ids, self._close_ids = (tokenizer.encode(text, add_special_tokens=False)
+                                           for text in (self.result_open, self.result_close))
         self._renders_tools: Optional[bool] = None
 
     def _render(self, messages, tools=None, generation_prompt=False) -> str:
