@@ -194,10 +194,27 @@ def test_future_kl_scale_gradient_flows_to_adv_only(backend):
 
 
 def brute_zscore(x, keep, start, end):
+    """z of x over the masked tokens of [start, end), and whether those values are all equal."""
     vals = [float(x[t]) for t in range(start, end) if keep[t]]
     mean = sum(vals) / len(vals) if vals else 0.0
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) if vals else 0.0
-    return [(float(x[t]) - mean) / (std + 1e-6) for t in range(start, end)]
+    return [(float(x[t]) - mean) / (std + 1e-6) for t in range(start, end)], len(set(vals)) <= 1
+
+
+def brute_branching_score(entropy, omega, mask, cu):
+    """score and strict per token, by the definition: z(entropy)·z(omega), a flat factor
+    replaced by 1, both flat by 0."""
+    score, strict = [], []
+    for start, end in spans(cu):
+        (z_e, flat_e), (z_o, flat_o) = (brute_zscore(entropy, mask, start, end),
+                                        brute_zscore(omega, mask, start, end))
+        if flat_e or flat_o:
+            z_e = [0.0 if flat_o else 1.0] * len(z_e) if flat_e else z_e
+            z_o = [0.0 if flat_e else 1.0] * len(z_o) if flat_o else z_o
+        for i, t in enumerate(range(start, end)):
+            score.append(z_e[i] * z_o[i] if mask[t] else 0.0)
+            strict.append(bool(mask[t] and z_e[i] > 0 and z_o[i] > 0))
+    return score, strict
 
 
 def test_branching_score(backend):
@@ -210,22 +227,34 @@ def test_branching_score(backend):
     mask[start:start + 3] = False
     with _backend.poisoned_outputs():
         scores = branching_score(entropy, omega, cu, mask)
-    for start, end in spans(cu):
-        z_e, z_o = brute_zscore(entropy, mask, start, end), brute_zscore(omega, mask, start, end)
-        for i, t in enumerate(range(start, end)):
-            want = z_e[i] * z_o[i] if mask[t] else 0.0
-            assert scores.score[t].item() == pytest.approx(want, rel=1e-4, abs=1e-4)
-            assert bool(scores.strict[t]) == bool(mask[t] and z_e[i] > 0 and z_o[i] > 0)
+    want_score, want_strict = brute_branching_score(entropy, omega, mask, cu)
+    for t in range(n):
+        assert scores.score[t].item() == pytest.approx(want_score[t], rel=1e-4, abs=1e-4)
+        assert bool(scores.strict[t]) == want_strict[t]
 
 
-def test_branching_score_all_masked_and_constant_sequences(backend):
-    cu = random_packing([4, 5, 1])
-    entropy = torch.rand(10)
-    entropy[4:9] = 1.5  # constant: std 0, z 0
-    mask = torch.ones(10, dtype=torch.bool)
-    mask[:4] = False
-    scores = branching_score(entropy, torch.rand(10), cu, mask)
-    assert (scores.score[:9] == 0).all() and not scores.strict.any()
+def test_branching_score_falls_back_to_the_factor_that_varies(backend):
+    """A sequence whose Ω is flat (every continuation equally likely under old and new policy,
+    or clipped at one bound) branches on entropy alone, and one with flat entropy on Ω; both
+    flat gives no preference (0), an all-masked sequence too."""
+    cu = random_packing([6, 5, 4, 3, 1])
+    n = int(cu[-1])
+    entropy = torch.rand(n) * 3
+    omega = 0.8 + 0.4 * torch.rand(n)
+    mask = torch.ones(n, dtype=torch.bool)
+    omega[0:6] = 1.2  # Ω clipped at its upper bound: flat
+    entropy[6:11] = 0.7  # flat entropy
+    omega[11:15], entropy[11:15] = 1.0, 2.0  # both flat
+    mask[15:18] = False  # all masked
+    with _backend.poisoned_outputs():
+        scores = branching_score(entropy, omega, cu, mask)
+    want_score, want_strict = brute_branching_score(entropy, omega, mask, cu)
+    assert scores.score.tolist() == pytest.approx(want_score, rel=1e-4, abs=1e-4)
+    assert scores.strict.tolist() == want_strict
+    z_e, _ = brute_zscore(entropy, mask, 0, 6)
+    assert scores.score[0:6].tolist() == pytest.approx(z_e, rel=1e-4, abs=1e-4)
+    assert scores.strict[0:6].any() and not scores.strict[11:].any()
+    assert (scores.score[11:18] == 0).all()
 
 
 BAD = [

@@ -64,7 +64,9 @@ def log_or_inf(value: float) -> float:
 
 
 def branching_score(entropy, omega, cu_seqlens, mask, eps):
-    """z(entropy)·z(omega) with per-sequence population mean/std over the masked tokens."""
+    """z(entropy)·z(omega) with per-sequence population mean/std over the masked tokens; a factor
+    whose masked values are all equal in a sequence is replaced by 1 there (the score falls back
+    to the other factor), and both by 0 when both are flat."""
     n = entropy.numel()
     seg = token_segments(cu_seqlens, n)
     n_seqs = cu_seqlens.numel() - 1
@@ -78,9 +80,16 @@ def branching_score(entropy, omega, cu_seqlens, mask, eps):
         mean = (total / count.clamp_min(1))[seg]
         centred = torch.where(keep, x - mean, 0.0)
         var = torch.zeros_like(count).index_add_(0, seg, centred * centred) / count.clamp_min(1)
-        return (x - mean) / (var.sqrt()[seg] + eps)
+        high = torch.full_like(count, -math.inf).scatter_reduce(
+            0, seg, torch.where(keep, x, -math.inf), "amax")
+        low = torch.full_like(count, math.inf).scatter_reduce(
+            0, seg, torch.where(keep, x, math.inf), "amin")
+        return (x - mean) / (var.sqrt()[seg] + eps), (~(high > low))[seg]
 
-    z_entropy, z_omega = zscore(entropy), zscore(omega)
+    (z_entropy, flat_entropy), (z_omega, flat_omega) = zscore(entropy), zscore(omega)
+    one = torch.ones_like(z_entropy)
+    z_entropy = torch.where(flat_entropy, torch.where(flat_omega, 0.0, one), z_entropy)
+    z_omega = torch.where(flat_omega, torch.where(flat_entropy, 0.0, one), z_omega)
     score = torch.where(keep, z_entropy * z_omega, 0.0).float()
     strict = keep & (z_entropy > 0) & (z_omega > 0)
     return score, strict

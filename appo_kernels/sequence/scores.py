@@ -16,7 +16,7 @@ Z_EPS = 1e-6  # SPEC §2.3: z(x) = (x − mean) / (std + 1e-6)
 
 
 class BranchScores(NamedTuple):
-    score: Tensor  # float32 [N]: z(entropy)·z(omega); 0 where mask is False
+    score: Tensor  # float32 [N]: z(entropy)·z(omega) (see branching_score); 0 where mask is False
     strict: Tensor  # bool [N]: mask & z(entropy) > 0 & z(omega) > 0
 
 
@@ -41,8 +41,11 @@ def branching_score(entropy: Tensor, omega: Tensor, cu_seqlens: Tensor,
     """score = z(entropy)·z(omega), strict = mask & (z(entropy) > 0) & (z(omega) > 0).
 
     z(x)_t = (x_t − mean_s x) / (std_s x + 1e-6), with the population mean and std over the
-    masked tokens of sequence s. Tokens outside the mask get score 0 and strict False.
-    Not differentiable (a selection criterion).
+    masked tokens of sequence s. Where one factor's masked values are all equal in a sequence
+    (Ω clipped at a bound, a one-token turn) it says nothing about where to branch: it is
+    replaced by 1 there, so the score falls back to the other factor (score = z of the other,
+    strict = its z > 0); where both are flat, both are 0. Tokens outside the mask get score 0
+    and strict False. Not differentiable (a selection criterion).
     """
     _check_tokens(cu_seqlens, validate, entropy=entropy, omega=omega, mask=mask)
     score, strict = _branching_score_op(entropy.detach(), omega.detach(), cu_seqlens, mask, Z_EPS)

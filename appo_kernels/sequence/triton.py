@@ -99,21 +99,26 @@ def _load_tokens(x_ptr, mask_ptr, tok, end, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _masked_moments(x_ptr, mask_ptr, start, end, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """Population mean and std of x over the masked tokens of [start, end) (two passes)."""
+    """Population mean and std of x over the masked tokens of [start, end) (two passes), and
+    whether those values are all equal (no masked token counts as all equal)."""
     lanes = tl.arange(0, BLOCK)
     count = tl.zeros([], tl.float32)
     total = tl.zeros([], tl.float32)
+    high = tl.full([], float("-inf"), tl.float32)
+    low = tl.full([], float("inf"), tl.float32)
     for first in range(start, end, BLOCK):
         x, keep = _load_tokens(x_ptr, mask_ptr, first + lanes, end, HAS_MASK)
         count += tl.sum(keep.to(tl.float32), 0)
         total += tl.sum(x, 0)
+        high = tl.maximum(high, tl.max(tl.where(keep, x, float("-inf")), 0))
+        low = tl.minimum(low, tl.min(tl.where(keep, x, float("inf")), 0))
     mean = total / tl.maximum(count, 1.0)
     sq = tl.zeros([], tl.float32)
     for first in range(start, end, BLOCK):
         x, keep = _load_tokens(x_ptr, mask_ptr, first + lanes, end, HAS_MASK)
         centred = tl.where(keep, x - mean, 0.0)
         sq += tl.sum(centred * centred, 0)
-    return mean, tl.sqrt(sq / tl.maximum(count, 1.0))
+    return mean, tl.sqrt(sq / tl.maximum(count, 1.0)), high <= low
 
 
 @triton.jit
@@ -124,15 +129,18 @@ def _branching_score_kernel(
     seq = tl.program_id(0)
     start = tl.load(cu_ptr + seq).to(tl.int64)
     end = tl.load(cu_ptr + seq + 1).to(tl.int64)
-    mean_e, std_e = _masked_moments(entropy_ptr, mask_ptr, start, end, HAS_MASK, BLOCK)
-    mean_o, std_o = _masked_moments(omega_ptr, mask_ptr, start, end, HAS_MASK, BLOCK)
+    mean_e, std_e, flat_e = _masked_moments(entropy_ptr, mask_ptr, start, end, HAS_MASK, BLOCK)
+    mean_o, std_o, flat_o = _masked_moments(omega_ptr, mask_ptr, start, end, HAS_MASK, BLOCK)
+    # a flat factor becomes 1 (the score falls back to the other), both flat become 0
+    fill_e = tl.where(flat_o, 0.0, 1.0)
+    fill_o = tl.where(flat_e, 0.0, 1.0)
     lanes = tl.arange(0, BLOCK)
     for first in range(start, end, BLOCK):
         tok = first + lanes
         entropy, keep = _load_tokens(entropy_ptr, mask_ptr, tok, end, HAS_MASK)
         omega, _ = _load_tokens(omega_ptr, mask_ptr, tok, end, HAS_MASK)
-        z_e = (entropy - mean_e) / (std_e + eps)
-        z_o = (omega - mean_o) / (std_o + eps)
+        z_e = tl.where(flat_e, fill_e, (entropy - mean_e) / (std_e + eps))
+        z_o = tl.where(flat_o, fill_o, (omega - mean_o) / (std_o + eps))
         tl.store(score_ptr + tok, tl.where(keep, z_e * z_o, 0.0), mask=tok < end)
         tl.store(strict_ptr + tok, (keep & (z_e > 0) & (z_o > 0)).to(tl.uint8), mask=tok < end)
 
