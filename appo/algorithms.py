@@ -1,22 +1,26 @@
-"""APPO, ARPO and GRPO (SPEC §3) as the trainer sees them: where to branch, and the per-token
-advantages that follow from the rewards. Pure tensor-in, tensor-out on top of `appo_kernels`; the
-trainer looks an algorithm up by name (`algorithm.adv_estimator`) and runs
+"""APPO, ARPO and GRPO as the trainer sees them (docs/training.md, "Algorithms"): one registered
+object each, with the hooks `Trainer.train_step` calls in this order.
 
-    init rollouts -> branch_points -> forks (and fillers) -> rewards -> advantages -> PPO
+- `initial_rollouts`: n (APPO, ARPO); n + B (GRPO).
+- `updates_before_branching`: APPO with `algorithm.branch_after_update` (the paper's order):
+  the first PPO mini-batch trains on `initial_advantages` (GRPO within the initial group)
+  before `branch` scores and forks; the others branch first.
+- `branch`: APPO: Ω and the branching score under the (updated) policy, B points per prompt,
+  each forked once. ARPO: after tool results by entropy change, breadth-first, forks of forks up
+  to `arpo_max_depth`, unused budget as independent samples. GRPO: nothing.
+- `advantages`: APPO: dual groups + procedure credit, initial rollouts trained. ARPO and GRPO:
+  GRPO over all G = n + B sequences of a prompt, all trained.
+- `adjust` (each micro-batch, with its live log-probs): APPO's future-KL scaling; else nothing.
 
-| algorithm | initial rollouts | branches                                      | trained on      |
-|-----------|------------------|-----------------------------------------------|-----------------|
-| appo      | n                | B by branching score (entropy · Ω)            | initial only    |
-| arpo      | n                | ≤ B after tool results, entropy change; the   | all G = n + B   |
-|           |                  | rest of the budget as independent samples     |                 |
-| grpo      | n + B            | none                                          | all G = n + B   |
+Everything per token comes from `appo_kernels`; the hooks are tensor-in, tensor-out, and what they
+need of the trainer mid-step (forking, fresh samples, scoring) comes through a `StepContext`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -24,7 +28,8 @@ from torch import Tensor
 from appo.config import AlgorithmConfig
 from appo.registry import Registry
 from appo.rollout.base import Sample
-from appo_kernels import (BranchScores, group_advantages, procedure_advantages,
+from appo_kernels import (BranchScores, branching_score, discounted_suffix_sum, future_kl_scale,
+                          future_value, group_advantages, procedure_advantages,
                           select_branch_points)
 
 
@@ -68,7 +73,9 @@ class RolloutSet:
         return per_sequence.repeat_interleave(self.lengths, output_size=int(self.cu_seqlens[-1]))
 
     @staticmethod
-    def concat(a: "RolloutSet", b: "RolloutSet") -> "RolloutSet":
+    def concat(a: "RolloutSet", b: Optional["RolloutSet"]) -> "RolloutSet":
+        if b is None:
+            return a
         return RolloutSet(a.samples + b.samples, torch.cat([a.group, b.group]),
                           torch.cat([a.rewards, b.rewards]), torch.cat([a.ids, b.ids]),
                           torch.cat([a.mask, b.mask]),
@@ -85,23 +92,72 @@ def masked_mean(mask: Tensor):
 
 @dataclass
 class Branching:
-    """Where to fork: `parent[b]` indexes the initial rollouts, `position[b]` its response."""
+    """Where the forks split off: fork b continues sequence `parent[b]` of the step's pool (the
+    initial rollouts, then the branches in order) after its response token `position[b]`."""
 
     parent: Tensor  # long [B]
     position: Tensor  # long [B]
+    depth: Optional[Tensor] = None  # long [B]: 1 forks an initial rollout, 2 a fork of one, ...
+    fill: Optional[Tensor] = None  # long [prompts]: independent samples added per prompt (ARPO)
+
+
+@dataclass
+class Branched:
+    """What `branch` produced: the forks (in the order of `branching`), then any independent
+    fillers, as one RolloutSet (None when there are none)."""
+
+    branches: Optional[RolloutSet]
+    branching: Branching
     scores: Optional[BranchScores] = None  # per token of the initial rollouts, when computed
-    fill: Optional[Tensor] = None  # long [prompts]: independent samples to add per prompt (ARPO)
+    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
 class Advantages:
     train: RolloutSet  # the sequences the loss covers
     adv_tok: Tensor  # float32 [N of train]
-    future_kl: bool  # scale adv_tok by future_kl_scale inside the PPO micro-batches (APPO)
+
+
+@dataclass
+class StepContext:
+    """What an algorithm may ask of the trainer while it branches."""
+
+    # (parents, positions, prompt groups) -> one rewarded continuation of each parent, forked
+    # after that response token
+    fork: Callable[[Sequence[Sample], Sequence[int], Sequence[int]], RolloutSet]
+    # prompt ids of this step (repeats allowed) -> one new rewarded sample each
+    generate: Callable[[Sequence[int]], RolloutSet]
+    # rollouts -> their per-token log-prob and entropy under the current policy
+    stats: Callable[[RolloutSet], Any]
+    # rollouts -> bool [N], the tokens a fork may keep
+    eligible: Callable[[RolloutSet], Tensor]
+    generator: torch.Generator  # for the algorithm's own random draws
+
+
+_ALGORITHMS = Registry("algorithm", "an Algorithm subclass")
+
+
+def register_algorithm(name: str):
+    """A class decorator registering an Algorithm under `name` (its `name` attribute)."""
+    def add(cls):
+        cls.name = name
+        return _ALGORITHMS.add(name, cls)
+
+    return add
+
+
+def algorithm_names() -> tuple[str, ...]:
+    return _ALGORITHMS.names()
+
+
+def get_algorithm(name: str, config: AlgorithmConfig, n: int, vocab_size: int) -> "Algorithm":
+    """Algorithm `name` with `n` initial rollouts per prompt, for a model of `vocab_size`."""
+    return _ALGORITHMS.get(name)(config, n, vocab_size)
 
 
 class Algorithm:
-    """The hooks the trainer calls; subclasses set `name` and override what differs."""
+    """The hooks of the module docstring, with GRPO's behaviour; subclasses override what
+    differs."""
 
     name = ""
 
@@ -111,107 +167,209 @@ class Algorithm:
     def initial_rollouts(self) -> int:
         return self.n
 
-    def branch_points(self, init: RolloutSet, entropy: Tensor, scores: BranchScores,
-                      eligible: Tensor, generator: torch.Generator) -> Branching:
-        """Branch points in the initial rollouts, from the training policy's exact `entropy` of
-        their tokens and the branching `scores` (entropy · Ω); `eligible` marks the tokens a
-        fork may keep."""
+    @property
+    def updates_before_branching(self) -> bool:
+        return False
+
+    def initial_advantages(self, init: RolloutSet) -> Tensor:
+        """GRPO within each prompt's initial rollouts, per token."""
+        return init.per_token(group_advantages(init.rewards, init.group,
+                                               normalize_std=self.config.norm_adv_by_std_in_grpo))
+
+    def branch(self, init: RolloutSet, policy, context: StepContext) -> Branched:
+        """Fork the initial rollouts; `policy` holds the current policy's per-token `logprob`
+        and `entropy` of `init`."""
         empty = torch.zeros(0, dtype=torch.long, device=init.ids.device)
-        return Branching(empty, empty)
+        return Branched(None, Branching(empty, empty))
 
-    def advantages(self, init: RolloutSet, branches: Optional[RolloutSet],
-                   branching: Branching) -> Advantages:
+    def advantages(self, init: RolloutSet, branched: Branched) -> Advantages:
         """GRPO over every sequence of a prompt, each token getting its sequence's advantage."""
-        train = init if branches is None else RolloutSet.concat(init, branches)
-        adv = group_advantages(train.rewards, train.group,
-                               normalize_std=self.config.norm_adv_by_std_in_grpo)
-        return Advantages(train, train.per_token(adv), future_kl=False)
+        train = RolloutSet.concat(init, branched.branches)
+        return Advantages(train, self.initial_advantages(train))
+
+    def adjust(self, adv: Tensor, logprob: Tensor, old_logprob: Tensor, cu_seqlens: Tensor,
+               mask: Tensor, clip_c: float) -> Tensor:
+        """The advantages of one micro-batch, given its live log-probs (default: unchanged)."""
+        return adv
 
 
+@register_algorithm("grpo")
 class GRPO(Algorithm):
     """G = n + B independent samples per prompt, group-normalised rewards."""
-
-    name = "grpo"
 
     def initial_rollouts(self) -> int:
         return self.n + self.config.branch_budget
 
 
+@register_algorithm("appo")
 class APPO(Algorithm):
-    """Branch where the policy is uncertain (entropy) *and* the future matters (Ω); credit each
-    initial-rollout token with the branches that split at or after it; train the initial
-    rollouts only, with the future-KL scaled advantages (SPEC §3.2–3.6)."""
+    """Branch where the policy is uncertain (entropy) *and* has moved towards what followed (Ω);
+    credit each initial-rollout token with the branches that split at or after it; train the
+    initial rollouts only, with the future-KL scaled advantages.
 
-    name = "appo"
+    With `branch_after_update` (the paper's order, the default) the trainer first updates the
+    policy on the initial rollouts, so Ω compares the updated policy with the one that sampled;
+    without it Ω compares two copies of the same weights and is rounding noise (the reference
+    code's order, kept as an ablation). `appo_random_branch_points` picks the points uniformly
+    among the eligible tokens instead (an ablation of the score)."""
 
-    def branch_points(self, init, entropy, scores, eligible, generator):
-        parent, position = select_branch_points(scores.score, scores.strict, eligible,
-                                                init.cu_seqlens, init.group,
-                                                self.config.branch_budget,
-                                                per=self.config.branch_per)
-        return Branching(parent, position, scores)
+    @property
+    def updates_before_branching(self) -> bool:
+        return self.config.branch_after_update
 
-    def advantages(self, init, branches, branching):
+    def branch(self, init, policy, context):
+        cfg = self.config
+        cu, mask = init.cu_seqlens, init.mask
+        # log Ω: the policy's log-likelihood gain on what followed each token (before any clip)
+        log_omega = discounted_suffix_sum(policy.logprob - init.rollout_logprob, cu, 1.0,
+                                          mask=mask)
+        omega = future_value(policy.logprob, init.rollout_logprob, cu, gamma=1.0, mask=mask,
+                             clip=tuple(cfg.omega_clip))
+        scores = branching_score(policy.entropy, omega, cu, mask=mask)
+        eligible = context.eligible(init)
+        if cfg.appo_random_branch_points:
+            noise = torch.rand(mask.shape, generator=context.generator).to(mask.device)
+            chosen_by = BranchScores(noise, torch.zeros_like(mask))
+        else:
+            chosen_by = scores
+        parent, position = select_branch_points(chosen_by.score, chosen_by.strict, eligible, cu,
+                                                init.group, cfg.branch_budget, per=cfg.branch_per)
+        metrics = {"omega_log_std": _mean_std_per_sequence(log_omega, mask, cu)}
+        branches = None
+        if len(parent):
+            branches = context.fork([init.samples[p] for p in parent.tolist()],
+                                    position.tolist(), init.group[parent].tolist())
+            starts = cu[parent] + position
+            metrics["branch_strict_fraction"] = float(scores.strict[starts].float().mean())
+            metrics["branch_position_mean"] = float(
+                ((position + 1).float() / init.lengths[parent].float()).mean())
+        depth = torch.ones_like(parent)
+        return Branched(branches, Branching(parent, position, depth), scores, metrics)
+
+    def advantages(self, init, branched):
         norm = self.config.norm_adv_by_std_in_grpo
         seq_adv = group_advantages(init.rewards, init.group, normalize_std=norm)
+        branches = branched.branches
         if branches is None or len(branches) == 0:
-            return Advantages(init, init.per_token(seq_adv), self.config.use_future_kl)
+            return Advantages(init, init.per_token(seq_adv))
         # dual groups: the branches of a prompt are normalised among themselves
         branch_adv = group_advantages(branches.rewards, branches.group, normalize_std=norm)
-        adv_tok = procedure_advantages(seq_adv, init.cu_seqlens, branching.parent,
-                                       branching.position, branch_adv,
+        adv_tok = procedure_advantages(seq_adv, init.cu_seqlens, branched.branching.parent,
+                                       branched.branching.position, branch_adv,
                                        n_tokens=int(init.cu_seqlens[-1]))
-        return Advantages(init, adv_tok, self.config.use_future_kl)
+        return Advantages(init, adv_tok)
+
+    def adjust(self, adv, logprob, old_logprob, cu_seqlens, mask, clip_c):
+        cfg = self.config
+        if not cfg.use_future_kl:
+            return adv
+        return future_kl_scale(adv, logprob.detach(), old_logprob, cu_seqlens, mask,
+                               gamma=cfg.future_kl_gamma, weight=cfg.future_kl_weight,
+                               clip=cfg.future_kl_clip, clip_c=clip_c)
 
 
+@register_algorithm("arpo")
 class ARPO(Algorithm):
-    """Branch right after tool results where the entropy rose (ARPO's entropy-based adaptive
-    rollout): a tool result at the end of token e is a branch point when
-    U(0,1) − β·ΔH ≤ α, ΔH = (mean entropy of the first k model tokens after e − that of the
-    first k model tokens of the response) / ln V. At most B branches per prompt (in rollout
-    order); the rest of the budget is filled with independent samples so every algorithm sees
-    G = n + B sequences per prompt. Soft attribution: GRPO over all G, branches trained."""
+    """Branch right after tool results where the entropy rose, as the ARPO code does: a tool
+    result ending at token e is a branch point when clamp(U(0,1) − β·ΔH, 0, 1) ≤ α, with
+    ΔH = (H(first k model tokens after e) − H(first k model tokens of the sequence's first
+    turn)) / ln V, H the *sum* of the exact per-token entropies over those (at most
+    `arpo_entropy_tokens`) tokens of that turn. The budget B per prompt is spent breadth-first:
+    the first tool result of every rollout, then the second, ...; forks may branch again at
+    their own later tool results, up to `arpo_max_depth` levels; what is left of the budget
+    becomes independent samples, so every algorithm sees G = n + B sequences per prompt. Soft
+    attribution: GRPO over all G, branches trained. Metrics: the range of β·ΔH met."""
 
-    name = "arpo"
-
-    def branch_points(self, init, entropy, scores, eligible, generator):
-        cfg, device = self.config, init.ids.device
-        k, log_v = cfg.arpo_entropy_tokens, math.log(max(2, self.vocab_size))
-        mask, ent = init.mask.cpu(), entropy.detach().float().cpu()
-        bounds = init.cu_seqlens.cpu().tolist()
-        chosen: dict[int, list[tuple[int, int]]] = {}
-        for s in range(len(init)):
-            lo, hi = bounds[s], bounds[s + 1]
-            model_pos = torch.nonzero(mask[lo:hi]).flatten()
-            if len(model_pos) == 0:
-                continue
-            h0 = ent[lo + model_pos[:k]].mean()
-            # ends of tool results that the model continues after
-            ends = torch.nonzero(~mask[lo:hi - 1] & mask[lo + 1:hi]).flatten()
-            for e in ends.tolist():
-                after = model_pos[model_pos > e][:k]
-                delta = (ent[lo + after].mean() - h0) / log_v
-                u = torch.rand((), generator=generator)
-                if u - cfg.arpo_beta * delta <= cfg.arpo_alpha:
-                    chosen.setdefault(int(init.group[s]), []).append((s, e))
-        parent, position = [], []
+    def branch(self, init, policy, context):
+        cfg = self.config
         n_groups = int(init.group.max()) + 1 if len(init) else 0
-        fill = torch.full((n_groups,), cfg.branch_budget, dtype=torch.long)
-        for g, points in sorted(chosen.items()):
-            for s, e in points[:cfg.branch_budget]:
-                parent.append(s)
-                position.append(e)
-            fill[g] -= min(len(points), cfg.branch_budget)
-        as_long = dict(dtype=torch.long, device=device)
-        return Branching(torch.tensor(parent, **as_long), torch.tensor(position, **as_long),
-                         fill=fill)
+        left = [cfg.branch_budget] * n_groups
+        pool, entropy = init, policy.entropy
+        starts = [0] * len(init)  # where each pool sequence's own turns begin (a fork's e + 1)
+        offset = 0  # index of `pool`'s first sequence among all sequences of the step
+        parents, positions, depths, rounds, beta_dh = [], [], [], [], []
+        for depth in range(1, cfg.arpo_max_depth + 1):
+            chosen = self._choose(pool, entropy, starts, left, context.generator, beta_dh)
+            if not chosen:
+                break
+            fork = context.fork([pool.samples[s] for s, _ in chosen], [e for _, e in chosen],
+                                [int(pool.group[s]) for s, _ in chosen])
+            parents += [offset + s for s, _ in chosen]
+            positions += [e for _, e in chosen]
+            depths += [depth] * len(chosen)
+            rounds.append(fork)
+            offset += len(pool)
+            pool, starts = fork, [e + 1 for _, e in chosen]
+            if depth < cfg.arpo_max_depth and any(left):
+                entropy = context.stats(fork).entropy
+        wanted = [g for g, k in enumerate(left) for _ in range(k)]
+        if wanted:
+            rounds.append(context.generate(wanted))
+        branches = None
+        for part in rounds:
+            branches = part if branches is None else RolloutSet.concat(branches, part)
+        as_long = dict(dtype=torch.long, device=init.ids.device)
+        metrics = {}
+        if beta_dh:
+            metrics = {"arpo_beta_dh_min": min(beta_dh), "arpo_beta_dh_max": max(beta_dh)}
+        branching = Branching(torch.tensor(parents, **as_long), torch.tensor(positions, **as_long),
+                              torch.tensor(depths, **as_long), torch.tensor(left, **as_long))
+        return Branched(branches, branching, None, metrics)
+
+    def _choose(self, pool: RolloutSet, entropy: Tensor, starts: list[int], left: list[int],
+                generator: torch.Generator, beta_dh: list[float]) -> list[tuple[int, int]]:
+        """(sequence, tool-result end) of the pool to fork, taking every sequence's first
+        candidate before any second one; spends `left` per prompt; records β·ΔH."""
+        cfg = self.config
+        k, log_v = cfg.arpo_entropy_tokens, math.log(max(2, self.vocab_size))
+        mask, ent = pool.mask.cpu().tolist(), entropy.detach().double().cpu().tolist()
+        bounds = pool.cu_seqlens.cpu().tolist()
+        candidates = []  # (turn index, sequence, e, ΔH)
+        for s in range(len(pool)):
+            lo, hi = bounds[s], bounds[s + 1]
+            turns = _model_turns(mask[lo:hi], starts[s])
+            if len(turns) < 2:
+                continue
+            first = sum(ent[lo + t] for t in turns[0][:k])
+            for j, turn in enumerate(turns[1:]):
+                delta = (sum(ent[lo + t] for t in turn[:k]) - first) / log_v
+                candidates.append((j, s, turn[0] - 1, delta))
+        chosen = []
+        for _, s, e, delta in sorted(candidates, key=lambda c: (c[0], c[1])):
+            g = int(pool.group[s])
+            if left[g] == 0:
+                continue
+            u = float(torch.rand((), generator=generator, dtype=torch.float64))
+            beta_dh.append(cfg.arpo_beta * delta)
+            if min(1.0, max(0.0, u - cfg.arpo_beta * delta)) <= cfg.arpo_alpha:
+                chosen.append((s, e))
+                left[g] -= 1
+        return chosen
 
 
-ALGORITHMS = Registry("algorithm", "an Algorithm subclass")
-for _cls in (APPO, ARPO, GRPO):
-    ALGORITHMS.add(_cls.name, _cls)
+def _model_turns(mask: list, start: int) -> list[list[int]]:
+    """The runs of model tokens (mask 1) of a response from position `start` on; every run but
+    the first follows a tool result."""
+    turns: list[list[int]] = []
+    for t in range(start, len(mask)):
+        if mask[t]:
+            if t == start or not mask[t - 1]:
+                turns.append([])
+            turns[-1].append(t)
+    return turns
 
 
-def get_algorithm(name: str, config: AlgorithmConfig, n: int, vocab_size: int) -> Algorithm:
-    """Algorithm `name` with `n` initial rollouts per prompt, for a model of `vocab_size`."""
-    return ALGORITHMS.get(name)(config, n, vocab_size)
+def _mean_std_per_sequence(x: Tensor, mask: Tensor, cu_seqlens: Tensor) -> float:
+    """The mean over sequences with a masked token of the population std of x over them."""
+    from appo_kernels.sequence.packing import token_segments
+
+    seg = token_segments(cu_seqlens, x.numel())
+    n = cu_seqlens.numel() - 1
+    x, keep = x.double(), mask.double()
+    count = torch.zeros(n, dtype=torch.float64, device=x.device).index_add_(0, seg, keep)
+    total = torch.zeros_like(count).index_add_(0, seg, x * keep)
+    mean = total / count.clamp_min(1)
+    var = torch.zeros_like(count).index_add_(0, seg, (x - mean[seg]) ** 2 * keep)
+    std = (var / count.clamp_min(1)).sqrt()
+    has = count > 0
+    return float(std[has].mean()) if bool(has.any()) else 0.0

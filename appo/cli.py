@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from appo.config import ALGORITHMS, BRANCH_PER, Config, apply_overrides, load_yaml, set_value
+from appo.config import BRANCH_PER, Config, apply_overrides, load_yaml, set_value
 from appo.rollout.engines import engine_names
 
 # flag -> config key, applied when the flag is given
@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run APPO / ARPO / GRPO training",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--config", metavar="FILE", help="a YAML config (verl's layout)")
-    train.add_argument("--algo", choices=ALGORITHMS, help="the algorithm (default appo)")
+    from appo.algorithms import algorithm_names
+
+    train.add_argument("--algo", choices=algorithm_names(), help="the algorithm (default appo)")
     train.add_argument("--model", metavar="PATH",
                        help="a local transformers causal LM directory or a .gguf file "
                             "(default: the embedded tiny model)")
@@ -62,7 +64,49 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. actor_rollout_ref.actor.optim.lr=1e-6")
+
+    from appo.compare import ARMS
+
+    compare = commands.add_parser(
+        "compare", help="algorithms side by side over paired seeds, with confidence intervals",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    compare.add_argument("--config", metavar="FILE", help="the YAML config every arm shares")
+    compare.add_argument("--arms", default=",".join(ARMS),
+                         help=f"comma-separated arms among {', '.join(ARMS)}")
+    compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    compare.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    compare.add_argument("--out", metavar="DIR", default="runs/compare",
+                         help="output directory (an interrupted comparison continues there)")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="config overrides for every arm")
     return parser
+
+
+def compare_main(parser, args) -> int:
+    from pathlib import Path
+
+    from appo.compare import compare
+
+    try:
+        config = load_yaml(args.config) if args.config else Config()
+        apply_overrides(config, args.overrides)
+        config.validate()
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        summary = compare(config, arms, seeds, Path(args.out), n_jobs=args.jobs,
+                          progress=not args.no_progress)
+    except ValueError as e:
+        parser.error(str(e))
+    except KeyboardInterrupt:
+        print(f"interrupted: `appo compare --out {args.out}` continues the comparison")
+        return 130
+    return 1 if summary["failed"] else 0
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -89,6 +133,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        return compare_main(parser, args)
     try:
         config = config_from_args(args)
     except ValueError as e:

@@ -18,7 +18,6 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from appo.rollout.engines import engine_names
 from appo.rollout.protocol import protocol_names
 
-ALGORITHMS = ("appo", "arpo", "grpo")
 BRANCH_PER = ("group", "sequence")
 LR_SCHEDULES = ("constant", "cosine")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
@@ -91,6 +90,13 @@ class ActorConfig:
 
 
 @dataclass
+class ValKwargs:
+    """verl's `actor_rollout_ref.rollout.val_kwargs.*`: how evaluations sample."""
+
+    do_sample: bool = True  # false: greedy (the most likely token at every step)
+
+
+@dataclass
 class RolloutConfig:
     """verl's `actor_rollout_ref.rollout.*`."""
 
@@ -102,26 +108,34 @@ class RolloutConfig:
     temperature: float = 1.0
     max_tool_calls: int = 6
     gpu_memory_utilization: float = 0.5  # vllm only
+    val_kwargs: ValKwargs = field(default_factory=ValKwargs)
 
 
 @dataclass
 class AlgorithmConfig:
     """verl's `algorithm.*`. `adv_estimator` selects the algorithm (SPEC §3)."""
 
-    adv_estimator: str = "appo"
+    adv_estimator: str = "appo"  # a registered algorithm (appo.algorithms)
     branch_budget: int = 4  # B: branches per prompt (per rollout with branch_per="sequence")
     branch_per: str = "group"  # "sequence": the APPO paper's variant
     norm_adv_by_std_in_grpo: bool = True
+    # APPO: update on the initial rollouts (the first PPO mini-batch) before scoring and
+    # branching, so Ω measures the updated policy's likelihood gain (the paper's order); false:
+    # branch before any update (the reference code's order, where Ω is rounding noise)
+    branch_after_update: bool = True
+    appo_random_branch_points: bool = False  # ablation: uniform among the eligible tokens
     # APPO: Ω and the future-KL scaling of the loss (SPEC §2.3 defaults)
     omega_clip: tuple = (0.8, 1.2)
     use_future_kl: bool = True
     future_kl_gamma: float = 2 ** (-1 / 64)
     future_kl_weight: float = 1.0
     future_kl_clip: float = 0.2
-    # ARPO: branch after a tool result when U(0,1) - beta·ΔH <= alpha
+    # ARPO: branch after a tool result when clamp(U(0,1) - beta·ΔH, 0, 1) <= alpha (the ARPO
+    # code's branch_probability and entropy_weight)
     arpo_alpha: float = 0.5
     arpo_beta: float = 0.2
-    arpo_entropy_tokens: int = 10  # ΔH compares the mean entropy of this many tokens
+    arpo_entropy_tokens: int = 20  # ΔH sums the entropy of the first this many tokens of a turn
+    arpo_max_depth: int = 2  # forks may branch again: forks of forks up to this depth
 
 
 @dataclass
@@ -131,6 +145,7 @@ class TrainerConfig:
     total_training_steps: int = 60
     seed: int = 0
     test_freq: int = 10  # evaluate every this many steps (and before the first and after the last)
+    val_before_train: bool = True  # the evaluation before the first step (step 0)
     save_freq: int = 10  # checkpoint every this many steps (and after the last)
     default_local_dir: Optional[str] = None  # the run's output directory; None: runs/<algo>-<time>
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -183,9 +198,13 @@ class Config:
 
     def validate(self) -> "Config":
         """Check value ranges; raises ValueError naming the key. Returns self."""
+        from appo.algorithms import algorithm_names
+
+        minibatches = self.actor.ppo_epochs * -(-self.data.train_batch_size //
+                                                max(1, self.actor.ppo_mini_batch_size))
         checks = [
-            ("algorithm.adv_estimator", self.algorithm.adv_estimator in ALGORITHMS,
-             f"one of {ALGORITHMS}"),
+            ("algorithm.adv_estimator", self.algorithm.adv_estimator in algorithm_names(),
+             f"one of {algorithm_names()}"),
             ("algorithm.branch_per", self.algorithm.branch_per in BRANCH_PER,
              f"one of {BRANCH_PER}"),
             ("algorithm.branch_budget", self.algorithm.branch_budget >= 0, ">= 0"),
@@ -218,6 +237,12 @@ class Config:
             ("trainer.test_freq", self.trainer.test_freq >= 0, ">= 0 (0: first and last only)"),
             ("trainer.save_freq", self.trainer.save_freq >= 0, ">= 0 (0: last only)"),
             ("algorithm.arpo_entropy_tokens", self.algorithm.arpo_entropy_tokens >= 1, ">= 1"),
+            ("algorithm.arpo_max_depth", self.algorithm.arpo_max_depth >= 1, ">= 1"),
+            ("algorithm.branch_after_update", not (
+                self.algorithm.adv_estimator == "appo" and self.algorithm.branch_after_update
+                and self.algorithm.branch_budget > 0 and minibatches < 2),
+             "false when the update has one mini-batch (it needs one before branching and one "
+             "after: raise actor_rollout_ref.actor.ppo_epochs or lower ppo_mini_batch_size)"),
             ("actor_rollout_ref.model.warm_start_direct_share",
              self.model.warm_start_direct_share is None
              or 0.0 <= self.model.warm_start_direct_share <= 1.0, "None or in [0, 1]"),

@@ -1,19 +1,23 @@
 """The APPO training loop (SPEC §3, §4). One step reads top to bottom as the algorithm does:
 
-    rollout -> score -> branch -> reward -> advantages -> PPO mini-batches -> push weights
+    rollout -> score -> [APPO's order: first PPO mini-batch] -> branch -> reward -> advantages
+    -> PPO mini-batches -> push weights
 
-Every per-token quantity comes from `appo_kernels`: exact entropy and log-probs from one packed
-tree pass (`appo.packing`), Ω, branching scores, branch selection, group/procedure advantages,
-future-KL scaling, the clipped loss and the KL penalty. Nothing here recomputes them by hand.
-Around the loop: the policy and reference models (`appo.policy`), engines (`appo.rollout.engines`), the tool protocol
-(`appo.rollout.protocol`), the output directory, checkpoints and signals (`appo.run`), and what a
-run reports (`appo.report`).
+What differs between APPO, ARPO and GRPO lives in the algorithm objects (`appo.algorithms`),
+behind the hooks the step calls. Every per-token quantity comes from `appo_kernels`: exact
+entropy and log-probs from one packed tree pass (`appo.packing`), the clipped loss and the KL
+penalty here; Ω, branching, advantages and future-KL scaling in the algorithms. Around the loop:
+the policy and reference models (`appo.policy`), engines (`appo.rollout.engines`), the tool
+protocol (`appo.rollout.protocol`), the output directory, checkpoints and signals (`appo.run`),
+and what a run reports (`appo.report`).
 
-Reproducibility: every random draw of step k (its prompts, the engine's sampling seeds, ARPO's
-branch draws, the mini-batch order) is seeded from (trainer.seed, k), never from global state, so
-a run resumed from the checkpoint of step k makes the same step k + 1 as the uninterrupted run.
+Reproducibility: every random draw of step k (its prompts, the engine's sampling seeds, the
+algorithm's branch draws, the mini-batch order) is seeded from (trainer.seed, k), never from
+global state, so a run resumed from the checkpoint of step k makes the same step k + 1 as the
+uninterrupted run.
 
-Interrupts (SIGINT, SIGTERM): see `appo.run`; at most one step is lost.
+Interrupts (SIGINT, SIGTERM): see `appo.run`; at most one step is lost. Once APPO's first
+mini-batch has moved the policy, the step is completed before a signal is acted on.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from appo import algorithms
-from appo.algorithms import Branching, RolloutSet, masked_mean
+from appo.algorithms import RolloutSet, StepContext, masked_mean
 from appo.config import Config, dump_yaml
 from appo.evaluate import evaluate, response_text
 from appo.packing import (RolloutStats, by_group, micro_batches, response_token_stats,
@@ -39,16 +43,14 @@ from appo.policy import (load_policy, load_reference, wants_warm_start, warm_sta
                          weights_dir)
 from appo.report import ROLLOUTS_FILE, RolloutReport, format_postfix, plot_metrics, progress
 from appo.report.loggers import RunLoggers
-from appo.report.steps import (common_reasons, describe_eval, first_eval, rollout_groups,
-                               rollout_metrics, zero_variance_groups)
+from appo.report.steps import (UpdateLog, describe_eval, first_eval, learning_signal,
+                               rollout_groups, rollout_metrics)
 from appo.rollout.base import SamplingParams
 from appo.rollout.engines import EngineContext, make_engine
 from appo.rollout.protocol import make_protocol
-from appo.rollout.tools import get_tool
 from appo.run import CONFIG_FILE, Interrupts, RunDir, default_out_dir
 from appo.tasks import get_task
-from appo_kernels import (branching_score, future_kl_scale, future_value, kl_penalty,
-                          policy_loss, vocab_flags)
+from appo_kernels import kl_penalty, policy_loss, vocab_flags
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Trainer:
         self.whitespace = vocab_flags(self.tokenizer, vocab_size=self.vocab_size,
                                       device=self.device).is_whitespace
         self.ref_model = load_reference(cfg, self.device, self.model, self.run)
-        tools = {name: get_tool(name) for name in self.task.tool_names}
+        tools = self.task.tools()
         self.engine = make_engine(cfg.rollout.name, EngineContext(
             self.model, self.tokenizer, tools, self.protocol,
             lambda: weights_dir(cfg, self.run, self.model, self.tokenizer),
@@ -130,7 +132,7 @@ class Trainer:
                                    enabled=cfg.progress)
         with self.interrupts:
             try:
-                if self.step == 0:
+                if self.step == 0 and cfg.val_before_train:
                     record = {"step": 0, **self._evaluate(0)}
                     eval_before = record.get("eval_accuracy")
                     self.loggers.log(record)
@@ -179,59 +181,71 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """One APPO/ARPO/GRPO step; returns its metrics."""
         cfg, algo = self.config, self.algorithm
-        times = {}
-        t0 = time.monotonic()
+        started = time.monotonic()
         problems = self._problems_for(step)
         prompts = [self.protocol.encode_prompt(p.prompt, self.task.instructions,
                                                self.task.tool_names) for p in problems]
+        context = self._context(step, prompts, problems)
 
         # 1. rollout: n initial samples per prompt with the tool loop
         samples = self.engine.generate(prompts, algo.initial_rollouts(),
                                        self._sampling(step, phase=0))
         init = self._rollout_set(samples, [s.prompt_index for s in samples], problems)
+        rollout_s = time.monotonic() - started
 
-        # 2. score: exact entropy and log-probs under the training policy (also the old log-probs)
+        # 2. score: exact entropy and log-probs under the training policy (the old log-probs)
         with torch.no_grad():
             old = self._stats(self.model, init, prompts)
-        omega = future_value(old.logprob, init.rollout_logprob, init.cu_seqlens, gamma=1.0,
-                             mask=init.mask, clip=tuple(cfg.algorithm.omega_clip))
-        scores = branching_score(old.entropy, omega, init.cu_seqlens, mask=init.mask)
+            ref = (self._stats(self.ref_model, init, prompts) if self.ref_model is not None
+                   else None)
+        update = UpdateLog()
+        policy = old
+        if algo.updates_before_branching:  # APPO's order: learn from the initial rollouts first
+            self.interrupts.critical = True  # the policy moves: the step completes from here on
+            plan = self._minibatches(step, init)
+            self._update(plan[:1], init, prompts, algo.initial_advantages(init), old.logprob,
+                         ref and ref.logprob, algo, update)
+            self.engine.update_weights(self.model)  # forks sample from the updated policy
+            with torch.no_grad():
+                policy = self._stats(self.model, init, prompts)
 
-        # 3. branch: fork the chosen positions (and ARPO's independent fillers)
-        branching = algo.branch_points(init, old.entropy, scores, self._eligible(init),
-                                       self._generator(step, "branch"))
-        branches = self._branch(step, init, branching, prompts, problems)
-        times["rollout"] = time.monotonic() - t0
+        # 3. branch: the algorithm scores the tokens and forks through the context
+        forked = time.monotonic()
+        branched = algo.branch(init, policy, context)
+        rollout_s += time.monotonic() - forked
 
         # 4-5. rewards are in the rollout sets; advantages per token of the trained sequences
-        adv = algo.advantages(init, branches, branching)
+        adv = algo.advantages(init, branched)
         train = adv.train
-        signal = self._learning_signal(step, train, adv.adv_tok)
-        t1 = time.monotonic()
-        with torch.no_grad():
-            if train is init:
-                old_logprob = old.logprob
-            else:  # ARPO/GRPO train branches too: their old log-probs
-                old_logprob = torch.cat([old.logprob,
-                                         self._stats(self.model, branches, prompts).logprob])
-            ref_logprob = (self._stats(self.ref_model, train, prompts).logprob
-                           if self.ref_model is not None else None)
+        signal = learning_signal(step, train, adv.adv_tok, init, branched.branches)
+        if "warning" in signal:
+            self._write(f"warning: {signal['warning']}")
+        old_logprob, ref_logprob = old.logprob, ref and ref.logprob
+        if train is not init:  # ARPO/GRPO train the branches too: their old and ref log-probs
+            with torch.no_grad():
+                old_logprob = torch.cat([old_logprob, self._stats(
+                    self.model, branched.branches, prompts).logprob])
+                if ref is not None:
+                    ref_logprob = torch.cat([ref_logprob, self._stats(
+                        self.ref_model, branched.branches, prompts).logprob])
 
         # 6. PPO update (held against signals from here: the step completes or never started)
         self.interrupts.critical = True
-        update = self._update(step, train, prompts, adv.adv_tok, old_logprob, ref_logprob,
-                              adv.future_kl)
+        plan = self._minibatches(step, train)
+        self._update(plan[1:] if algo.updates_before_branching else plan, train, prompts,
+                     adv.adv_tok, old_logprob, ref_logprob, algo, update)
         self.scheduler.step()
         self.engine.update_weights(self.model)
-        times["train"] = time.monotonic() - t1
 
-        record = {"step": step, **rollout_metrics(init, branches, old, times), **signal,
-                  **update, "lr": self.optimizer.param_groups[0]["lr"],
-                  "time_step": time.monotonic() - t0}
+        elapsed = time.monotonic() - started
+        times = {"rollout": rollout_s, "train": elapsed - rollout_s}
+        record = {"step": step, **rollout_metrics(init, branched.branches, old, times),
+                  **branched.metrics, **signal, **update.means(),
+                  "lr": self.optimizer.param_groups[0]["lr"], "time_step": elapsed}
         if cfg.trainer.html_prompts > 0:
             self.rollout_report.add_step(step, rollout_groups(
-                self.tokenizer.decode, problems, prompts, init, branches, branching,
-                scores.score, old.entropy, cfg.trainer.html_prompts))
+                self.tokenizer.decode, problems, prompts, init, branched, policy.entropy,
+                cfg.trainer.html_prompts))
         return record
 
     # ------------------------------------------------------------------------------------------
@@ -256,16 +270,6 @@ class Trainer:
                   for s, g in zip(samples, group)]
         return RolloutSet.of(samples, group, [g.reward for g in grades], self.device, grades)
 
-    def _learning_signal(self, step: int, train: RolloutSet, adv_tok) -> dict:
-        """How many prompt groups have equal rewards; when no trained token has an advantage
-        (every group flat), a warning that says what the rewards had in common."""
-        record = {"zero_variance_groups": zero_variance_groups(train.rewards, train.group)}
-        if not bool((adv_tok[train.mask] != 0).any()):
-            record["warning"] = (f"step {step}: no learning signal, every group's rewards are "
-                                 f"equal ({common_reasons(train.grades)})")
-            self._write(f"warning: {record['warning']}")
-        return record
-
     def _eligible(self, init: RolloutSet):
         """Tokens a fork may keep: model tokens that are not whitespace and not a response's
         last token (nothing follows it: a fork there would only repeat the parent)."""
@@ -273,21 +277,23 @@ class Trainer:
         last[init.cu_seqlens[1:][init.lengths > 0] - 1] = True
         return init.mask & ~self.whitespace[init.ids] & ~last
 
-    def _branch(self, step, init: RolloutSet, branching: Branching, prompts, problems):
-        forks, group = [], []
-        if len(branching.parent):
-            parents = branching.parent.tolist()
-            forks = self.engine.fork([init.samples[p] for p in parents],
-                                     branching.position.tolist(), 1, self._sampling(step, 1))
-            group = [int(init.group[p]) for p in parents]
-        if branching.fill is not None and int(branching.fill.sum()) > 0:
-            wanted = [g for g, k in enumerate(branching.fill.tolist()) for _ in range(k)]
+    def _context(self, step: int, prompts, problems) -> StepContext:
+        """What the algorithm may ask for while it branches; each fork and generate call samples
+        from its own seeded streams."""
+        calls = iter(range(1, 1_000_000, 2))  # odd phases for forks (the first is phase 1)
+
+        def fork(parents, positions, groups):
+            forks = self.engine.fork(list(parents), list(positions), 1,
+                                     self._sampling(step, next(calls)))
+            return self._rollout_set(forks, list(groups), problems)
+
+        def generate(wanted):
             extra = self.engine.generate([prompts[g] for g in wanted], 1, self._sampling(step, 2))
-            forks += extra
-            group += [wanted[s.prompt_index] for s in extra]
-        if not forks:
-            return None
-        return self._rollout_set(forks, group, problems)
+            return self._rollout_set(extra, [wanted[s.prompt_index] for s in extra], problems)
+
+        return StepContext(fork, generate, lambda rollouts: self._stats(self.model, rollouts,
+                                                                        prompts),
+                           self._eligible, self._generator(step, "branch"))
 
     def _stats(self, model, rollouts: RolloutSet, prompts) -> RolloutStats:
         """Per-token log-prob and entropy of `rollouts` under `model`, micro-batched."""
@@ -305,68 +311,66 @@ class Trainer:
             temperature=self.config.rollout.temperature, unrolled=self.config.actor.unrolled,
             pad_id=self.pad_id)
 
-    def _update(self, step, train: RolloutSet, prompts, adv_tok, old_logprob, ref_logprob,
-                future_kl: bool) -> dict:
-        """PPO epochs over mini-batches of prompts, each micro-batched by token budget."""
-        cfg, actor = self.config, self.config.actor
-        seqs = [list(prompts[int(g)]) + s.response_ids
-                for s, g in zip(train.samples, train.group)]
+    def _minibatches(self, step: int, train: RolloutSet) -> list[list[list[int]]]:
+        """The PPO epochs' mini-batches, in order: each a list of prompt groups (sequence indices
+        of `train`), the prompts shuffled anew every epoch."""
+        actor = self.config.actor
         groups = by_group(train.group)
         generator = self._generator(step, "minibatch")
-        sums: dict[str, float] = {}
-        n_updates = 0
-        self.model.train()
+        plan = []
         for _ in range(actor.ppo_epochs):
             order = torch.randperm(len(groups), generator=generator).tolist()
             for start in range(0, len(order), actor.ppo_mini_batch_size):
-                mini = [groups[i] for i in order[start:start + actor.ppo_mini_batch_size]]
-                mini_index = token_index(train.cu_seqlens, [i for g in mini for i in g])
-                # the micro-batch losses, weighted to the mean over the whole mini-batch
-                denominator = max(1, int(train.mask[mini_index].sum()))
-                if actor.loss_agg_mode not in ("token-mean", "dapo"):
-                    denominator = sum(len(g) for g in mini)
-                self.optimizer.zero_grad(set_to_none=True)
-                for batch in micro_batches(mini, seqs, actor.ppo_max_token_len_per_gpu):
-                    index = token_index(train.cu_seqlens, batch)
-                    stats = self._forward(self.model, train, prompts, batch)
-                    lengths = train.lengths[batch]
-                    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
-                    mask, old, adv = train.mask[index], old_logprob[index], adv_tok[index]
-                    if future_kl:
-                        alg = cfg.algorithm
-                        adv = future_kl_scale(adv, stats.logprob.detach(), old, cu, mask,
-                                              gamma=alg.future_kl_gamma,
-                                              weight=alg.future_kl_weight, clip=alg.future_kl_clip,
-                                              clip_c=actor.clip_ratio_c)
-                    loss, metrics = policy_loss(
-                        stats.logprob, old, adv, mask, clip_low=actor.clip_ratio_low,
-                        clip_high=actor.clip_ratio_high, clip_c=actor.clip_ratio_c,
-                        agg=actor.loss_agg_mode, seq_filter=actor.seq_filter, cu_seqlens=cu)
-                    share = (int(mask.sum()) if actor.loss_agg_mode in ("token-mean", "dapo")
-                             else len(batch)) / denominator
-                    token_mean = masked_mean(mask)
-                    if ref_logprob is not None:
-                        kl = token_mean(kl_penalty(stats.logprob, ref_logprob[index],
-                                                    kind=actor.kl_loss_type))
-                        loss = loss + actor.kl_loss_coef * kl
-                        metrics["kl_ref"] = kl.detach()
-                    if actor.entropy_coeff:
-                        loss = loss - actor.entropy_coeff * token_mean(stats.entropy)
-                    (loss * share).backward()
-                    metrics["loss"] = loss.detach()
-                    for key, value in metrics.items():
-                        sums[key] = sums.get(key, 0.0) + float(value) * share
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                           actor.grad_clip)
-                if torch.isfinite(grad_norm):
-                    self.optimizer.step()
-                else:
-                    self.log(f"step {step}: non-finite gradient norm, update skipped")
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-                n_updates += 1
+                plan.append([groups[i] for i in order[start:start + actor.ppo_mini_batch_size]])
+        return plan
+
+    def _update(self, plan, train: RolloutSet, prompts, adv_tok, old_logprob, ref_logprob,
+                algo, log: UpdateLog) -> None:
+        """One optimizer step per mini-batch of `plan`, each micro-batched by token budget."""
+        actor = self.config.actor
+        seqs = [list(prompts[int(g)]) + s.response_ids
+                for s, g in zip(train.samples, train.group)]
+        self.model.train()
+        for mini in plan:
+            mini_index = token_index(train.cu_seqlens, [i for g in mini for i in g])
+            # the micro-batch losses, weighted to the mean over the whole mini-batch
+            denominator = max(1, int(train.mask[mini_index].sum()))
+            if actor.loss_agg_mode not in ("token-mean", "dapo"):
+                denominator = sum(len(g) for g in mini)
+            self.optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            for batch in micro_batches(mini, seqs, actor.ppo_max_token_len_per_gpu):
+                index = token_index(train.cu_seqlens, batch)
+                stats = self._forward(self.model, train, prompts, batch)
+                lengths = train.lengths[batch]
+                cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+                mask, old = train.mask[index], old_logprob[index]
+                adv = algo.adjust(adv_tok[index], stats.logprob, old, cu, mask, actor.clip_ratio_c)
+                loss, metrics = policy_loss(
+                    stats.logprob, old, adv, mask, clip_low=actor.clip_ratio_low,
+                    clip_high=actor.clip_ratio_high, clip_c=actor.clip_ratio_c,
+                    agg=actor.loss_agg_mode, seq_filter=actor.seq_filter, cu_seqlens=cu)
+                share = (int(mask.sum()) if actor.loss_agg_mode in ("token-mean", "dapo")
+                         else len(batch)) / denominator
+                token_mean = masked_mean(mask)
+                if ref_logprob is not None:
+                    kl = token_mean(kl_penalty(stats.logprob, ref_logprob[index],
+                                               kind=actor.kl_loss_type))
+                    loss = loss + actor.kl_loss_coef * kl
+                    metrics["kl_ref"] = kl.detach()
+                if actor.entropy_coeff:
+                    loss = loss - actor.entropy_coeff * token_mean(stats.entropy)
+                (loss * share).backward()
+                metrics["loss"] = loss.detach()
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * share
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
+            if torch.isfinite(grad_norm):
+                self.optimizer.step()
+            else:
+                self.log("non-finite gradient norm: an update skipped")
+            log.add({**sums, "grad_norm": float(grad_norm)})
         self.model.eval()
-        return {key if key in ("loss", "grad_norm") else _METRIC_NAMES.get(key, key):
-                value / n_updates for key, value in sums.items()}
 
     def _evaluate(self, step: int) -> dict:
         cfg = self.config
@@ -378,7 +382,7 @@ class Trainer:
                                   seed=_seed(cfg.trainer.seed, "eval"))
         # the same eval seed at every step: the differences are the policy's, not the draws'
         result = evaluate(self.engine, self.task, n_problems=cfg.data.val_size,
-                          sampling=sampling)
+                          sampling=sampling, greedy=not cfg.rollout.val_kwargs.do_sample)
         return {"eval_accuracy": result.accuracy, "eval_reward": result.mean_reward,
                 "eval_bad_format": result.format_error_rate,
                 "eval_tool_calls": result.mean_tool_calls, "eval_n": result.n}
@@ -422,11 +426,6 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-# policy_loss metric names -> the metrics log's (verl's names where it has them)
-_METRIC_NAMES = {"clip_frac": "clip_frac", "dual_clip_frac": "dual_clip_frac",
-                 "approx_kl": "approx_kl", "kl_ref": "kl_ref_mean"}
-
 
 def _seed(*parts) -> int:
     """A 32-bit seed from ints and strings, the same in every process (no `hash()`)."""

@@ -152,7 +152,8 @@ def test_tree_and_unrolled_training_steps_agree(env, tmp_path):
     for unrolled in (False, True):
         # one mini-batch: the update sees the sequences packed as the old-log-prob pass did
         config = tiny(tmp_path / str(unrolled), f"actor_rollout_ref.actor.unrolled={unrolled}",
-                      "actor_rollout_ref.actor.ppo_mini_batch_size=2")
+                      "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+                      "algorithm.branch_after_update=false")
         records.append(Trainer(config, log=lambda *_: None).train_step(1))
     tree, flat = records
     for key in ("reward_mean", "branches", "response_length_mean"):
@@ -211,7 +212,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(env, tmp_path):
     out = tmp_path / "run"
     flags = ["data.train_batch_size=2", "data.max_response_length=20", "data.val_size=2",
              "actor_rollout_ref.rollout.n=2", "algorithm.branch_budget=2",
-             "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+             "actor_rollout_ref.actor.ppo_mini_batch_size=1",
              "actor_rollout_ref.model.warm_start_steps=0", "trainer.save_freq=0",
              "trainer.test_freq=0", "trainer.device=cpu"]
     cmd = [sys.executable, "-m", "appo", "train", "--no-progress", "--out", str(out)]
@@ -262,7 +263,7 @@ def test_reward_rises(env, tmp_path):
     config = tiny(tmp_path / "learn", "data.task=digits-test", "trainer.total_training_steps=12",
                   "trainer.save_freq=0", "data.val_size=0", "data.train_batch_size=4",
                   "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.optim.lr=1e-2",
-                  "actor_rollout_ref.actor.ppo_mini_batch_size=4", "trainer.html_prompts=0")
+                  "actor_rollout_ref.actor.ppo_mini_batch_size=2", "trainer.html_prompts=0")
     Trainer(config, log=lambda *_: None).train()
     rewards = [r["reward_mean"] for r in read(tmp_path / "learn" / "metrics.jsonl")
                if "reward_mean" in r]
@@ -450,3 +451,36 @@ def test_a_chat_model_trains_with_its_own_tool_format(env, tmp_path):
     with pytest.raises(ValueError, match="warm start's demonstrations are written in the tags"):
         Trainer(tiny(tmp_path / "run2", f"actor_rollout_ref.model.path={tmp_path / 'model'}",
                      "actor_rollout_ref.model.warm_start_steps=2"), log=lambda *_: None)
+
+
+# ----------------------------------------------------------------------------------------------
+# APPO's order: update, then score and branch with the updated policy
+
+def test_appo_scores_and_forks_with_the_updated_policy(env, tmp_path):
+    """In the paper's order the first mini-batch moves the policy before scoring: Ω measures a
+    real likelihood gain (log Ω varies along a rollout) and the forks sample from the updated
+    weights; in the reference code's order Ω compares two copies of the same weights."""
+    records = {}
+    for after in (True, False):
+        trainer = Trainer(tiny(tmp_path / str(after), "data.task=digits-test", "data.val_size=0",
+                               f"algorithm.branch_after_update={after}",
+                               "actor_rollout_ref.actor.optim.lr=1e-2"), log=lambda *_: None)
+        initial = [p.detach().clone() for p in trainer.model.parameters()]
+        seen = []
+        fork = trainer.engine.fork
+
+        def spy(*args, **kwargs):
+            weights = list(trainer.engine.model.parameters())
+            seen.append((all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters())),
+                         any(not torch.equal(a, b) for a, b in zip(weights, initial))))
+            return fork(*args, **kwargs)
+
+        trainer.engine.fork = spy
+        records[after] = trainer.train_step(1)
+        assert seen and all(same for same, _ in seen)  # forks sample from the training weights
+        assert all(moved == after for _, moved in seen)  # ... updated ones in the paper's order
+    assert records[True]["omega_log_std"] >= 1e-3
+    assert records[False]["omega_log_std"] < 1e-4
+    for key in ("branch_strict_fraction", "branch_position_mean", "zero_variance_groups"):
+        assert key in records[True], key
+    assert 0 < records[True]["branch_position_mean"] <= 1

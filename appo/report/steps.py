@@ -13,14 +13,17 @@ FINISH_MARKS = {"length": "cut at the length limit", "tool_limit": "stopped at t
 
 
 def rollout_groups(decode: Callable[[list[int]], str], problems: Sequence, prompts: Sequence,
-                   init, branches, branching, score, entropy, k: int) -> list[dict]:
-    """The `RolloutReport.add_step` groups of the first `k` prompts of a step: `init` and
-    `branches` are the step's RolloutSets (branch b forks `branching.parent[b]` after token
-    `branching.position[b]`), `score` and `entropy` per token of `init`; `decode(ids)` gives
-    the text of token ids (the prompt as the model sees it: chat template, system prompt)."""
+                   init, branched, entropy, k: int) -> list[dict]:
+    """The `RolloutReport.add_step` groups of the first `k` prompts of a step: `init` the
+    initial rollouts, `branched` what the algorithm forked (`appo.algorithms.Branched`; forks of
+    forks are not shown), `entropy` per token of `init`; `decode(ids)` gives the text of token
+    ids (the prompt as the model sees it: chat template, system prompt)."""
     bounds = init.cu_seqlens.tolist()
+    branching, branches = branched.branching, branched.branches
     parents, positions = branching.parent.tolist(), branching.position.tolist()
-    score, entropy, mask = score.tolist(), entropy.tolist(), init.mask.tolist()
+    mask, entropy = init.mask.tolist(), entropy.tolist()
+    score = (branched.scores.score.tolist() if branched.scores is not None
+             else [None] * len(mask))
     groups = []
     for g in range(min(k, len(problems))):
         members = [s for s in range(len(init)) if int(init.group[s]) == g]
@@ -108,8 +111,31 @@ def _new_tokens(branches) -> int:
                for s in branches.samples)
 
 
+def learning_signal(step: int, train, adv_tok, init=None, branches=None) -> dict:
+    """How many prompt groups of the trained sequences have equal rewards, how many groups whose
+    initial rollouts are flat got differing rewards from their branches, and, when no trained
+    token has an advantage, a warning that says what the rewards had in common."""
+    record = {"zero_variance_groups": zero_variance_groups(train.rewards, train.group)}
+    if init is not None and branches is not None and len(branches):
+        import torch
+
+        flat = _flat_groups(init.rewards, init.group)
+        both = _flat_groups(torch.cat([init.rewards, branches.rewards]),
+                            torch.cat([init.group, branches.group]))
+        record["branch_rescued_groups"] = int((flat & ~both[:len(flat)]).sum())
+    if not bool((adv_tok[train.mask] != 0).any()):
+        record["warning"] = (f"step {step}: no learning signal, every group's rewards are "
+                             f"equal ({common_reasons(train.grades)})")
+    return record
+
+
 def zero_variance_groups(rewards, group) -> int:
     """The prompt groups whose sequences all have the same reward (no advantage within them)."""
+    return int(_flat_groups(rewards, group).sum())
+
+
+def _flat_groups(rewards, group):
+    """bool [groups]: the group ids 0..max present whose rewards are all equal."""
     import torch
 
     n = int(group.max()) + 1
@@ -118,7 +144,27 @@ def zero_variance_groups(rewards, group) -> int:
     low = torch.full((n,), torch.inf, device=rewards.device).scatter_reduce(
         0, group, rewards, "amin")
     present = torch.bincount(group, minlength=n) > 0
-    return int(((high == low) & present).sum())
+    return (high == low) & present
+
+
+class UpdateLog:
+    """The optimizer steps' metrics of one training step, averaged over its steps (with
+    verl's names where they differ from `policy_loss`'s)."""
+
+    NAMES = {"kl_ref": "kl_ref_mean"}
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.n += 1
+
+    def means(self) -> dict:
+        return {self.NAMES.get(key, key): value / max(1, self.n)
+                for key, value in self.sums.items()}
 
 
 def first_eval(records: Sequence[dict]) -> Optional[float]:

@@ -19,6 +19,7 @@ Built-in tools:
 from __future__ import annotations
 
 import ast
+import hashlib
 import math
 import os
 import re
@@ -507,6 +508,31 @@ class _HeadTail:
 def _probe_network_isolation(tool: PythonTool) -> bool:
     probe = "import socket\nprint(all(name == 'lo' for _, name in socket.if_nameindex()))"
     return tool(probe) == "True"
+
+
+@dataclass(frozen=True)
+class FlakyTool:
+    """`tool`, failing on a share of the texts it is called with: `failure_share` of all possible
+    argument texts answer `message` instead of the result. Which ones is a hash of (seed, text),
+    so a run is reproducible and the same call always fails; the same call written differently
+    (another spacing, parentheses) is another draw. For tasks where what the model does after a
+    tool result matters (retry or give up)."""
+
+    tool: ToolFn
+    failure_share: float
+    seed: int = 0
+    message: str = "error: busy"
+
+    def __post_init__(self):
+        if not 0.0 <= self.failure_share < 1.0:
+            raise ValueError(f"failure_share must be in [0, 1), got {self.failure_share}")
+
+    def fails(self, arguments: str) -> bool:
+        digest = hashlib.blake2b(f"{self.seed}:{arguments}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") < self.failure_share * 2**64
+
+    def __call__(self, arguments: str) -> str:
+        return self.message if self.fails(arguments) else self.tool(arguments)
 
 
 register_tool("calculator", calculator, parameter="expression",

@@ -71,6 +71,12 @@ class Task(ABC):
         """The reward alone: `grade(...).reward`."""
         return self.grade(response_text, problem).reward
 
+    def tools(self) -> dict:
+        """The tools a response may call, by name: the registered ones by default."""
+        from appo.rollout.tools import get_tool
+
+        return {name: get_tool(name) for name in self.tool_names}
+
     def parse(self, response_text: str) -> ParsedResponse:
         """The response's calls and answer, or why its format is bad, in the task's `format`."""
         return self.format.parse(response_text, self.tool_names)

@@ -24,7 +24,7 @@ from fractions import Fraction
 from typing import Optional, Union
 
 from appo.rollout.format import format_tool_result
-from appo.rollout.tools import get_tool
+from appo.rollout.tools import FlakyTool, get_tool
 
 from .base import Grade, Problem, Task, register_task
 
@@ -56,6 +56,9 @@ WORD_PROBLEMS = (
      "{a} * {b} + {c} * {d} - {e}", {}),
 )
 STYLES = ("expr", "words", "mixed")
+# how a demonstration writes a call, then its retries after a failure (a flaky calculator)
+RETRY_SPELLINGS = ("{a}{op}{b}", "{a} {op} {b}", "({a}{op}{b})", "({a} {op} {b})",
+                   "{a}{op} {b}", "{a} {op}{b}", "(({a}{op}{b}))", "(({a} {op} {b}))")
 
 
 @register_task("calc")
@@ -65,7 +68,15 @@ class CalcTask(Task):
     Options: `seed`; `n_train`, `n_eval` (split sizes); `min_ops`, `max_ops` (operations per
     problem, 2-3 by default); `max_operand` (operands drawn from 1..max_operand); `max_value`
     (bound on every intermediate value); `style`: "expr" (compact expressions, the default),
-    "words" (word problems from `WORD_PROBLEMS`) or "mixed" (half each).
+    "words" (word problems from `WORD_PROBLEMS`) or "mixed" (half each); `bad_format_reward`
+    (-1 by default; 0 makes the reward 0/1 for the answer).
+
+    A flaky calculator: with `failure_share` > 0 the calculator answers "error: busy" on that
+    share of call texts (`appo.rollout.tools.FlakyTool`, a hash of the text: the same call
+    always fails, the same operation written differently is another draw). Demonstrations then
+    retry a failed call written another way (`RETRY_SPELLINGS`), or, on `give_up_share` of the
+    failures, give up and answer at once (the guess an agent makes when its tool fails): what
+    the model does after a tool result becomes a decision RL can learn.
 
     Splits: a prompt belongs to eval when a hash of (seed, prompt) falls in the lowest
     `EVAL_SHARE` of its range, so the splits are disjoint by construction and the eval split does
@@ -84,7 +95,8 @@ class CalcTask(Task):
 
     def __init__(self, seed: int = 0, n_train: int = 10_000, n_eval: int = 200, min_ops: int = 2,
                  max_ops: int = 3, max_operand: int = 20, max_value: int = 999,
-                 style: str = "expr"):
+                 style: str = "expr", bad_format_reward: float = -1.0,
+                 failure_share: float = 0.0, give_up_share: float = 0.0):
         if not 1 <= min_ops <= max_ops:
             raise ValueError(f"need 1 <= min_ops <= max_ops, got min_ops={min_ops}, "
                              f"max_ops={max_ops}")
@@ -95,12 +107,17 @@ class CalcTask(Task):
                              f"max_value={max_value}")
         if style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+        if not 0.0 <= give_up_share <= 1.0:
+            raise ValueError(f"give_up_share must be in [0, 1], got {give_up_share}")
+        self.calculator = (FlakyTool(get_tool("calculator"), failure_share, seed)
+                           if failure_share else get_tool("calculator"))
         self.templates = [t for t in WORD_PROBLEMS if min_ops <= _template_ops(t[1]) <= max_ops]
         if style == "words" and not self.templates:
             raise ValueError(f"no word problem has {min_ops}..{max_ops} operations")
         self.seed, self.n_train, self.n_eval = seed, n_train, n_eval
         self.min_ops, self.max_ops = min_ops, max_ops
         self.max_operand, self.max_value, self.style = max_operand, max_value, style
+        self.bad_format_reward, self.give_up_share = float(bad_format_reward), give_up_share
         self._splits: dict[str, list[Problem]] = {}
 
     def split(self, name: str) -> list[Problem]:
@@ -112,10 +129,13 @@ class CalcTask(Task):
     def grade(self, response_text: str, problem: Problem) -> Grade:
         parsed = self.parse(response_text)
         if parsed.error is not None:
-            return Grade(-1.0, f"bad format: {parsed.error}")
+            return Grade(self.bad_format_reward, f"bad format: {parsed.error}")
         if _same_number(parsed.answer, problem.answer):
             return Grade(1.0, "correct")
         return Grade(0.0, "wrong answer", f"answered {parsed.answer!r}, expected {problem.answer}")
+
+    def tools(self) -> dict:
+        return {"calculator": self.calculator}
 
     def demonstration(self, problem: Problem, rng: random.Random) -> str:
         """One calculator call per operation, each on operands that are already numbers; `rng`
@@ -127,16 +147,24 @@ class CalcTask(Task):
         calculator, exactly as the rollout's tool loop would append them."""
         if "expression" not in problem.meta:
             raise ValueError("demonstration needs a calc problem (meta['expression'] is missing)")
-        calculator = get_tool("calculator")
         tree = _parse(problem.meta["expression"])
         parts = []
         while isinstance(tree, tuple):
             path = rng.choice(_ready_operations(tree))
             op, left, right = _at(tree, path)
-            step = f"{left}{op}{right}"
-            result = calculator(step)
-            parts.append(f"{_render(tree)}<calculator>{step}</calculator>"
-                         f"{format_tool_result(result)}")
+            parts.append(_render(tree))
+            for spelling in RETRY_SPELLINGS:
+                step = spelling.format(a=left, op=op, b=right)
+                result = self.calculator(step)
+                parts.append(f"<calculator>{step}</calculator>{format_tool_result(result)}")
+                if not result.startswith("error"):
+                    break
+                if rng.random() < self.give_up_share:  # answer from memory after a failure
+                    parts.append(f"<answer>{problem.answer}</answer>")
+                    return "".join(parts)
+            else:
+                raise ValueError(f"calc: every spelling of {left}{op}{right} fails; lower "
+                                 f"failure_share")
             tree = _replace(tree, path, int(result))
         parts.append(f"<answer>{tree}</answer>")
         return "".join(parts)
