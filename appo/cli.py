@@ -154,9 +154,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"({100 * (after - before):+.1f} points)")
     print(f"{result.step} steps in {result.seconds:.0f} s; metrics, plots, rollouts.html and "
           f"checkpoints in {result.out_dir}")
-    from appo.run import EXIT_INTERRUPTED
+    from appo.run import exit_code
 
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    return exit_code(result.interrupted) if result.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ newest `trainer.max_actor_ckpt_to_keep` checkpoints are kept.
 Interrupts: Ctrl-C (SIGINT) or SIGTERM (what `kill` and schedulers send) during the rollout phase
 of a step abandons that step at once; during its update phase (optimizer steps, weight push, log,
 checkpoint) the signal is held until the step is complete. Either way the trainer then saves a
-checkpoint of the last complete step and returns, so at most one step is lost.
+checkpoint of the last complete step and returns, so at most one step is lost; `appo train`
+exits with 128 + the signal's number (130, 143). A SIGKILL cannot be caught: it loses what
+came after the last checkpoint (`trainer.save_freq`, 10 steps by default).
 """
 
 from __future__ import annotations
@@ -40,8 +42,13 @@ CONFIG_FILE = "config.yaml"
 WARM_START_DIR = "warm_start"
 INITIAL_MODEL_DIR = "initial_model"
 TRAINER_STATE = "trainer.pt"
-EXIT_INTERRUPTED = 130
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_code(signal_name: str) -> int:
+    """The shell's status for a process stopped by a signal: 128 + its number (130 for SIGINT,
+    143 for SIGTERM)."""
+    return 128 + signal.Signals[signal_name].value
 
 
 class RunDir:

@@ -57,7 +57,7 @@ from appo_kernels import kl_penalty, policy_loss, vocab_flags
 class TrainResult:
     out_dir: Path
     step: int  # the last complete step
-    interrupted: bool
+    interrupted: Optional[str]  # the signal that stopped the run early ("SIGINT", "SIGTERM")
     eval_before: Optional[float]  # held-out accuracy before the first RL step
     eval_after: Optional[float]  # ... after the last one
     seconds: float
@@ -127,7 +127,7 @@ class Trainer:
         started = time.monotonic()
         total = cfg.total_training_steps
         eval_before = eval_after = None
-        interrupted = False
+        interrupted = None
         self._bar = bar = progress(total, initial=self.step, desc=f"{self.algorithm.name} train",
                                    enabled=cfg.progress)
         with self.interrupts:
@@ -158,13 +158,13 @@ class Trainer:
                     if "eval_accuracy" in record:
                         eval_after = record["eval_accuracy"]
                     if self.interrupts.requested:
-                        raise KeyboardInterrupt
+                        raise KeyboardInterrupt(self.interrupts.requested)
                     if timed_out:
                         bar.write(f"trainer.max_time_s = {cfg.max_time_s} reached after step "
                                   f"{self.step}")
                         break
-            except KeyboardInterrupt:
-                interrupted = True
+            except KeyboardInterrupt as stop:  # Ctrl-C (no name) or our handler's signal name
+                interrupted = stop.args[0] if stop.args else "SIGINT"
                 self.interrupts.critical = True
                 if self.run.latest_checkpoint() != self.run.checkpoint_dir(self.step):
                     self.save_checkpoint()

@@ -208,7 +208,8 @@ def test_a_run_leaves_metrics_plots_rollouts_and_checkpoints(env, tmp_path):
         Trainer(tiny(tmp_path / "empty"), resume=True, log=lambda *_: None)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(env, tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_a_checkpoint_and_resume_continues(env, tmp_path, signum, status):
     out = tmp_path / "run"
     flags = ["data.train_batch_size=2", "data.max_response_length=20", "data.val_size=2",
              "actor_rollout_ref.rollout.n=2", "algorithm.branch_budget=2",
@@ -225,9 +226,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(env, tmp_path):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0]
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 130, output
+    assert proc.returncode == status, output
     assert "interrupted: saved step" in output
     saved = int((out / "checkpoints" / "latest").read_text().removeprefix("step_"))
     logged = max(r["step"] for r in read(metrics))
