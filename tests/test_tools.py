@@ -1,10 +1,12 @@
 """Rollout tools: the registry, the calculator (against Python and an independent evaluator) and
 the sandboxed python tool (limits, crashes and timeouts come back as text)."""
 
+import glob
 import math
 import os
 import random
 import string
+import tempfile
 import time
 
 import pytest
@@ -313,40 +315,61 @@ def test_python_stdin_is_closed():
     assert "EOFError" in FAST("input()")
 
 
-def test_python_runs_in_a_clean_temporary_directory(monkeypatch):
+def work_dirs():
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "appo_python_*")))
+
+
+@pytest.mark.parametrize("sandbox", ["bwrap", "rlimits"])
+def test_python_runs_in_a_clean_temporary_directory(monkeypatch, sandbox):
     monkeypatch.setenv("APPO_TEST_SECRET", "hunter2")
-    result = FAST("import os\nprint(os.environ.get('APPO_TEST_SECRET'))\nprint(os.getcwd())")
+    before = work_dirs()
+    result = PythonTool(sandbox=sandbox, timeout_s=2)(
+        "import os\nprint(os.environ.get('APPO_TEST_SECRET'))\nprint(os.getcwd())")
     secret, workdir = result.splitlines()
     assert secret == "None"
-    assert not os.path.exists(workdir)  # removed after the run
+    assert work_dirs() == before  # removed after the run
+    if sandbox == "bwrap":
+        assert workdir == "/work"
 
 
-def test_python_kills_leftover_children():
+@pytest.mark.parametrize("sandbox", ["bwrap", "rlimits"])
+def test_python_kills_leftover_children(sandbox):
+    marker = f"{time.time_ns() % 10**9}.25"  # a sleep only this test starts
     start = time.monotonic()
-    result = FAST("import subprocess, sys\n"
-                  "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-                  "print(p.pid)")
+    PythonTool(sandbox=sandbox, timeout_s=2)(
+        "import subprocess\n"
+        f"subprocess.Popen(['sleep', '{marker}'])\n"
+        "print('started')")
     assert time.monotonic() - start < 1.5  # does not wait for the child holding the pipe
-    pid = int(result)
     for _ in range(50):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            break
-        if state in ("Z", "X"):
+        if not sleeping(marker):
             break
         time.sleep(0.02)
     else:
-        pytest.fail(f"child {pid} still running")
+        pytest.fail(f"the call's child (sleep {marker}) still runs")
+
+
+def sleeping(marker):
+    """Whether a `sleep MARKER` process runs on this machine (zombies do not count)."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[:2] != [b"sleep", marker.encode()]:
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError, PermissionError):
+            pass
+    return False
 
 
 def test_python_has_no_network():
     if not PythonTool().network_isolated():
-        pytest.skip("this kernel refuses new network namespaces here: network isolation is off")
+        pytest.skip("no sandbox or network namespace here: network isolation is off")
     result = FAST("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)")
     assert "OSError" in result and "unreachable" in result
-    assert not PythonTool(isolate_network=False).network_isolated()
+    assert not PythonTool(sandbox="rlimits", isolate_network=False).network_isolated()
 
 
 def test_python_tool_failure_is_text(monkeypatch):

@@ -485,3 +485,24 @@ def test_appo_scores_and_forks_with_the_updated_policy(env, tmp_path):
     for key in ("branch_strict_fraction", "branch_position_mean", "zero_variance_groups"):
         assert key in records[True], key
     assert 0 < records[True]["branch_position_mean"] <= 1
+
+
+def test_the_python_tool_is_sandboxed_or_the_run_refuses(env, tmp_path, monkeypatch):
+    """A task that uses the python tool gets it with `tools.python.*`; where the sandbox cannot
+    run, the run stops before any work, naming the setting; `rlimits` warns that it is none."""
+    from appo.rollout import sandbox, tools
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": i}) + "\n" for i in range(8)))
+    options = [f"data.task_options={{path: {rows}, tools: [python]}}", "data.task=jsonl",
+               "tools.python.timeout_s=3", "tools.python.max_processes=2"]
+    monkeypatch.setattr(sandbox, "available", lambda: "bwrap is not installed: install it")
+    with pytest.raises(ValueError, match="tools.python.sandbox=bwrap: .*bwrap is not installed"):
+        Trainer(tiny(tmp_path / "refused", *options), log=lambda *_: None)
+    said = []
+    trainer = Trainer(tiny(tmp_path / "rlimits", *options, "tools.python.sandbox=rlimits"),
+                      log=said.append)
+    assert any("sandbox=rlimits" in line and "WITHOUT a sandbox" in line for line in said)
+    tool = trainer.engine.tools["python"]
+    assert isinstance(tool, tools.PythonTool)
+    assert (tool.sandbox, tool.timeout_s, tool.max_processes) == ("rlimits", 3.0, 2)

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
 from typing import Callable, Optional, Union
@@ -280,7 +281,7 @@ _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000  # <sched.h>; os.unshare 
 # Runs in the fresh interpreter, before the user's code: limits and namespaces are set up here,
 # inside the child, rather than in a Popen preexec_fn, which is unsafe in a threaded parent
 # (torch and tokenizers start threads). Each setting is best effort: what the kernel refuses is
-# skipped. argv: cpu_s mem_bytes file_bytes max_open_files isolate_network
+# skipped. argv: cpu_s mem_bytes file_bytes max_open_files isolate_network max_tasks
 _CHILD_SETUP = r"""
 def _main():
     import resource, sys, traceback
@@ -291,12 +292,14 @@ def _main():
         except (ValueError, OSError):
             pass
 
-    cpu_s, mem, fsize, nofile, isolate = (int(a) for a in sys.argv[1:6])
+    cpu_s, mem, fsize, nofile, isolate, tasks = (int(a) for a in sys.argv[1:7])
     limit(resource.RLIMIT_CPU, cpu_s, cpu_s + 1)  # SIGXCPU at the soft limit, SIGKILL at the hard
     limit(resource.RLIMIT_AS, mem, mem)
     limit(resource.RLIMIT_FSIZE, fsize, fsize)
     limit(resource.RLIMIT_NOFILE, nofile, nofile)
     limit(resource.RLIMIT_CORE, 0, 0)
+    if tasks:
+        limit(resource.RLIMIT_NPROC, tasks, tasks)
     if isolate:
         import ctypes
         unshare = ctypes.CDLL(None, use_errno=True).unshare
@@ -329,23 +332,35 @@ _main()
 """ % {"NEWNET": _CLONE_NEWNET, "NEWUSER": _CLONE_NEWUSER, "FILE": _CODE_FILE}
 
 
+SANDBOXES = ("bwrap", "rlimits")
+
+
 @dataclass(frozen=True)
 class PythonTool:
-    """Run Python code in a subprocess with limits; the result is its output (never raises).
+    """Run Python code in a sandbox with limits; the result is its output (never raises).
 
-    The code runs as `sys.executable -I -u` (isolated mode: no user site, no PYTHON* variables) in
-    a fresh temporary directory (its cwd and HOME, deleted afterwards), with stdin closed, a minimal
-    environment, in a new session. Limits:
-    - `timeout_s`: wall time; the whole process group is then killed with SIGKILL.
-    - `cpu_s`: CPU seconds (RLIMIT_CPU).
-    - `memory_bytes`: address space (RLIMIT_AS): big allocations fail with MemoryError.
+    `sandbox="bwrap"` (the default): the code runs under bubblewrap (`appo.rollout.sandbox`,
+    docs/sandbox.md): fresh user/pid/network/ipc/uts/mount namespaces, an unprivileged uid,
+    read-only system directories, a private work dir, no view of the trainer's files, home,
+    environment or processes, no network. Where bwrap is missing or cannot create its
+    namespaces the tool refuses to run (each call answers an error naming the setting).
+    `sandbox="rlimits"` runs it without bwrap, limits only (and a network namespace where the
+    kernel allows): NOT a sandbox (the code can read and write what the trainer can, see and
+    signal its processes), for machines without bwrap and code that is trusted.
+
+    Either way the code runs as `python -I -u` (isolated mode) in a fresh temporary directory
+    (its cwd and HOME, deleted afterwards), stdin closed, a minimal environment, a new session,
+    with these limits:
+    - `timeout_s`: wall time; the whole call is then killed (SIGKILL).
+    - `cpu_s`: CPU seconds of each process (RLIMIT_CPU).
+    - `memory_bytes`: address space of each process (RLIMIT_AS): big allocations fail with
+      MemoryError.
+    - `max_processes`: processes and threads of the call, the first one included (RLIMIT_NPROC;
+      under bwrap counted in the call's own user namespace). With bwrap, all processes of a call
+      together hold at most `max_processes` × `memory_bytes` of address space.
     - `max_file_bytes`, `max_open_files`: RLIMIT_FSIZE and RLIMIT_NOFILE.
-    - `isolate_network`: the code runs in a new network namespace (no interface but a loopback
-      that is down), which needs root or unprivileged user namespaces; where the kernel refuses,
-      the code runs with the machine's network (`network_isolated()` tells which).
-    Not isolated: the file system (the code runs as the calling user, with its permissions), other
-    processes of the same user (it could signal them), and subprocesses that leave the process
-    group (setsid) outlive a timeout.
+    - `isolate_network` (rlimits only): a new network namespace where the kernel allows one
+      (`network_isolated()` tells).
 
     Output: stdout and stderr, interleaved as written (unbuffered), decoded as UTF-8. Beyond
     `max_output_bytes` the first and last halves are kept around a "[truncated N bytes]" line.
@@ -357,11 +372,23 @@ class PythonTool:
 
     timeout_s: float = 5.0
     cpu_s: int = 5
-    memory_bytes: int = 1 << 30
+    memory_bytes: int = 512 << 20
+    max_processes: int = 4
     max_file_bytes: int = 16 << 20
     max_open_files: int = 64
     max_output_bytes: int = PYTHON_MAX_OUTPUT_BYTES
     isolate_network: bool = True
+    sandbox: str = "bwrap"
+
+    def __post_init__(self):
+        if self.sandbox not in SANDBOXES:
+            raise ValueError(f"tools.python.sandbox must be one of {SANDBOXES}, got "
+                             f"{self.sandbox!r}")
+        for name in ("timeout_s", "cpu_s", "memory_bytes", "max_processes", "max_file_bytes",
+                     "max_open_files", "max_output_bytes"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"tools.python.{name} must be a positive number, got {value!r}")
 
     def __call__(self, code: str) -> str:
         try:
@@ -369,24 +396,56 @@ class PythonTool:
         except Exception as e:  # the tool itself failed (no fork, no temp dir): still only text
             return f"error: python tool failed: {type(e).__name__}: {e}"
 
+    def unavailable(self) -> Optional[str]:
+        """Why this tool cannot run here (bwrap missing or refused), or None."""
+        if self.sandbox != "bwrap":
+            return None
+        from . import sandbox
+
+        return sandbox.available()
+
     def network_isolated(self) -> bool:
         """Whether code run by this tool really has no network here (probed once per setting)."""
+        if self.sandbox == "bwrap":
+            return self.unavailable() is None and _probe_network_isolation(self)
         return self.isolate_network and _probe_network_isolation(self)
 
     def _run(self, code: str) -> str:
+        why = self.unavailable()
+        if why is not None:
+            return f"error: the python tool's sandbox cannot run here: {why}"
+        from . import sandbox
+
         workdir = tempfile.mkdtemp(prefix="appo_python_")
+        bwrap = self.sandbox == "bwrap"
         try:
             with open(os.path.join(workdir, _CODE_FILE), "w", encoding="utf-8") as f:
                 f.write(code)
             limits = (max(1, math.ceil(self.cpu_s)), self.memory_bytes, self.max_file_bytes,
-                      self.max_open_files, int(self.isolate_network))
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-u", "-c", _CHILD_SETUP, *map(str, limits)],
-                cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-            with proc:
-                output, timed_out = self._collect(proc)
-                returncode = proc.wait()
+                      self.max_open_files, int(self.isolate_network and not bwrap),
+                      # bwrap's own init is one task of the call's namespace
+                      self.max_processes + 1 if bwrap else 0)
+            argv = [sys.executable, "-I", "-u", "-c", _CHILD_SETUP, *map(str, limits)]
+            with (sandbox.call_identity() if bwrap else nullcontext()) as uid:
+                if bwrap:
+                    if uid is not None:
+                        os.chown(workdir, uid, uid)
+                        os.chown(os.path.join(workdir, _CODE_FILE), uid, uid)
+                    env = _child_env(sandbox.WORKDIR, "/tmp")
+                    argv = sandbox.command(workdir, argv, env)
+                    # bwrap itself gets the clean environment too: its init process (pid 1 in
+                    # the sandbox, readable there) must not hold the trainer's
+                    cwd, user = None, sandbox.as_user(uid)
+                else:
+                    env, cwd, user = _child_env(workdir, workdir), workdir, {}
+                proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        start_new_session=True, **user)
+                with proc:
+                    output, timed_out = self._collect(proc)
+                    returncode = proc.wait()
+            if bwrap and 128 < returncode < 128 + signal.NSIG:
+                returncode = 128 - returncode  # bwrap exits 128 + n when its child died by signal n
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return self._describe(output, returncode, timed_out)
@@ -444,6 +503,20 @@ class PythonTool:
         return text or "[no output]"
 
 
+def configure_python(tools: dict, sandbox: str = "bwrap", **limits) -> dict:
+    """`tools` with appo's python tool (if there) replaced by one with these settings; raises
+    ValueError, naming `tools.python.sandbox`, when the sandbox cannot run here."""
+    tool = tools.get("python")
+    if not isinstance(getattr(tool, "__wrapped__", tool), PythonTool):
+        return tools  # not there, or the user's own
+    configured = PythonTool(sandbox=sandbox, **limits)
+    why = configured.unavailable()
+    if why is not None:
+        raise ValueError(f"tools.python.sandbox={sandbox}: the python tool's sandbox cannot "
+                         f"run here: {why}")
+    return {**tools, "python": configured}
+
+
 def _strip_code_fence(code: str) -> str:
     """Models often wrap code in a Markdown fence or indent it; run what is inside."""
     body = code.strip("\n")
@@ -453,11 +526,11 @@ def _strip_code_fence(code: str) -> str:
     return textwrap.dedent(body) + "\n"
 
 
-def _child_env(workdir: str) -> dict[str, str]:
+def _child_env(home: str, tmp: str) -> dict[str, str]:
     return {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "HOME": workdir,
-        "TMPDIR": workdir,
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": home,
+        "TMPDIR": tmp,
         "LC_ALL": "C.UTF-8",
         "LANG": "C.UTF-8",
         # numeric libraries would start one thread per core (and reserve memory for each)
