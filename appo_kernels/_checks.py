@@ -7,6 +7,7 @@ the host: they run for CPU tensors, and for GPU tensors only with `validate=True
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -78,3 +79,32 @@ def cu_seqlens_arg(cu_seqlens, n_tokens: int, *, like: Optional[Tensor] = None,
             raise ValueError(f"{name}[-1] must equal the number of packed tokens {n_tokens}, "
                              f"got {cu[-1].item()}")
     return cu_seqlens.numel() - 1
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32
+
+
+def float_arg(name: str, value, *, low: Optional[float] = None, high: Optional[float] = None,
+              low_open: bool = False, finite: bool = True) -> float:
+    """`value` as a float: TypeError unless a real number (not a bool), ValueError when NaN,
+    infinite (unless `finite=False`) or outside [low, high] ((low, high] with `low_open`). A
+    value being traced by torch.compile passes unchecked (it may be symbolic: no value yet)."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling():
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be a {'finite ' if finite else ''}number, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def bool_arg(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value

@@ -207,3 +207,10 @@ BAD = [
 def test_bad_inputs_raise(message, error, call):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_group_advantages_keep_precision_at_large_rewards():
+    """Means and deviations in float64: rewards 1e8 and 1e8 + 8 are ±1 standard deviation."""
+    adv = group_advantages(torch.tensor([1e8, 1e8 + 8, 5.0, 7.0]), torch.tensor([0, 0, 1, 1]))
+    assert adv.dtype == torch.float32
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -1.0, 1.0]), atol=1e-5, rtol=0)

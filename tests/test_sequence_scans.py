@@ -257,6 +257,11 @@ def test_branching_score_falls_back_to_the_factor_that_varies(backend):
     assert (scores.score[11:18] == 0).all()
 
 
+def KL_ARGS():
+    return (torch.randn(5), torch.randn(5), torch.randn(5), torch.tensor([0, 5]),
+            torch.ones(5, dtype=torch.bool))
+
+
 BAD = [
     ("cu_seqlens must be non-decreasing", ValueError,
      lambda: discounted_suffix_sum(torch.randn(5), torch.tensor([0, 3, 2, 5]), 1.0)),
@@ -266,7 +271,7 @@ BAD = [
      lambda: discounted_suffix_sum(torch.randn(5), torch.tensor([1, 5]), 1.0)),
     ("cu_seqlens must have dtype int32 or int64", TypeError,
      lambda: discounted_suffix_sum(torch.randn(5), torch.tensor([0.0, 5.0]), 1.0)),
-    ("gamma must be in \\[0, 1\\]", ValueError,
+    ("gamma must be <= 1.0", ValueError,
      lambda: discounted_suffix_sum(torch.randn(5), torch.tensor([0, 5]), 1.5)),
     ("mask must have shape", ValueError,
      lambda: discounted_suffix_sum(torch.randn(5), torch.tensor([0, 5]), 1.0,
@@ -284,6 +289,20 @@ BAD = [
                              torch.tensor([0, 5]), None)),
     ("omega must have shape", ValueError,
      lambda: branching_score(torch.randn(5), torch.randn(4), torch.tensor([0, 5]))),
+    # the argument that is wrong is the one named
+    ("adv_tok must have shape \\(5,\\)", ValueError,
+     lambda: future_kl_scale(torch.randn(4), torch.randn(5), torch.randn(5),
+                             torch.tensor([0, 5]), torch.ones(5, dtype=torch.bool))),
+    ("weight must be a finite number", ValueError,
+     lambda: future_kl_scale(*KL_ARGS(), weight=math.nan)),
+    ("high_only must be a bool", TypeError,
+     lambda: future_kl_scale(*KL_ARGS(), high_only=1)),
+    ("clip must be a Python float", TypeError,
+     lambda: future_kl_scale(*KL_ARGS(), clip=(0.2, 0.3))),
+    ("clip must be >= 0.0", ValueError,
+     lambda: future_kl_scale(*KL_ARGS(), clip=-0.1)),
+    ("gamma must be a Python float", TypeError,
+     lambda: future_value(torch.randn(5), torch.randn(5), torch.tensor([0, 5]), gamma="1")),
 ]
 
 

@@ -328,6 +328,24 @@ def test_torch_compile_fullgraph(backend, device):
     torch.testing.assert_close(x2.grad, x1.grad)
 
 
+def test_torch_compile_dynamic_shapes():
+    """With dynamic shapes the temperature may reach the op as a symbolic float: the checks
+    must let it through (its value is checked where it is a plain float)."""
+    t = torch.randint(0, 31, (3, 5))
+
+    def loss_fn(logits, temperature):
+        s = token_stats(logits, t, temperature=temperature)
+        return (s.logprob + s.entropy).sum()
+
+    from torch._dynamo import config as dynamo_config
+
+    compiled = torch.compile(loss_fn, dynamic=True, fullgraph=True, backend="aot_eager")
+    with dynamo_config.patch(specialize_float=False):  # the temperature stays symbolic
+        for temperature in (0.7, 1.3):
+            x = random_logits((3, 5, 31), torch.float32, "cpu")
+            torch.testing.assert_close(compiled(x, temperature), loss_fn(x, temperature))
+
+
 def _logits(d):
     return torch.ones(2, 3, device=d)
 
@@ -347,10 +365,17 @@ BAD_INPUTS = [
      lambda d: ((_logits(d),), {"mask": torch.ones(2, device=d)})),
     ("mask must have shape", ValueError,
      lambda d: ((_logits(d),), {"mask": torch.ones(2, 3, dtype=torch.bool, device=d)})),
-    ("temperature must be finite and > 0", ValueError,
+    ("temperature must be > 0.0", ValueError,
      lambda d: ((_logits(d),), {"temperature": 0.0})),
-    ("temperature must be finite and > 0", ValueError,
+    ("temperature must be a finite number", ValueError,
      lambda d: ((_logits(d),), {"temperature": math.nan})),
+    # 1/temperature would overflow or underflow float32 in the kernels (Triton gave NaN there)
+    ("its reciprocal a normal float32", ValueError,
+     lambda d: ((_logits(d),), {"temperature": 1e-40})),
+    ("its reciprocal a normal float32", ValueError,
+     lambda d: ((_logits(d),), {"temperature": 1e39})),
+    ("temperature must be a Python float", TypeError,
+     lambda d: ((_logits(d),), {"temperature": True})),
     ("temperature must be a Python float", TypeError,
      lambda d: ((_logits(d),), {"temperature": torch.tensor(1.0)})),
     ("extras must be a tuple", TypeError, lambda d: ((_logits(d),), {"extras": "varentropy"})),

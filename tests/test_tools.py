@@ -382,3 +382,10 @@ def test_python_tool_failure_is_text(monkeypatch):
 
 def test_registered_python_tool():
     assert get_tool("python")("print(6 * 7)") == "42"
+
+
+def test_a_long_flat_sum_is_not_nesting():
+    assert calculator("+".join(["1"] * 100)) == "100"
+    assert calculator("-".join(["100"] + ["1"] * 60)) == "40"
+    nested = "1" + "+(1" * 40 + ")" * 40  # 1+(1+(1+...)): real nesting
+    assert calculator(nested).startswith("error: expression nested too deeply")

@@ -430,3 +430,9 @@ def test_torch_compile_fullgraph(backend, device):
     torch.testing.assert_close(traced, eager)
     for a, b in zip(traced_inputs, eager_inputs):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_zero_heads_or_head_dim_is_an_error():
+    layout = TreeLayout.from_parents([-1, 0])
+    with pytest.raises(ValueError, match="at least one head of dimension >= 1"):
+        tree_attention(torch.randn(2, 2, 0), torch.randn(2, 1, 0), torch.randn(2, 1, 0), layout)

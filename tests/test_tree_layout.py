@@ -178,3 +178,12 @@ def test_flex_tree_attention_matches_reference():
                                              block_mask=layout.to_block_mask(16))
     torch.testing.assert_close(flex_out, out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flex_lse, lse, atol=1e-5, rtol=1e-5)
+
+
+def test_parents_and_ids_that_are_not_integers():
+    with pytest.raises(TypeError, match=r"parent\[1\] must be an integer, got 0.5"):
+        TreeLayout.from_parents([-1, 0.5])  # torch.as_tensor would have truncated it to 0
+    np = pytest.importorskip("numpy")
+    layout, ids, paths = TreeLayout.from_sequences([np.array([5, 6, 7]), [np.int64(5), 8]])
+    assert ids.tolist() == [5, 6, 7, 8] and paths[1].tolist() == [0, 3]
+    assert TreeLayout.from_parents(np.array([-1, 0, 1])).n_tokens == 3

@@ -228,14 +228,21 @@ def _evaluate(node: ast.AST, text: str, depth: int) -> Union[int, float]:
             raise CalculatorError(f"not a decimal number: {ast.get_source_segment(text, node)}")
         value = node.value
     elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        left = _evaluate(node.left, text, depth + 1)
-        right = _evaluate(node.right, text, depth + 1)
-        try:
-            value = _BINARY[type(node.op)](left, right)
-        except ZeroDivisionError:
-            raise CalculatorError("division by zero") from None
-        except OverflowError:
-            raise CalculatorError(_TOO_LARGE) from None
+        # a flat chain a + b - c + ... parses left-deep: walk its left spine at this level, so
+        # only real nesting (parentheses, right operands) counts towards the depth
+        spine = []
+        while isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            spine.append(node)
+            node = node.left
+        value = _evaluate(node, text, depth + 1)
+        for link in reversed(spine):
+            right = _evaluate(link.right, text, depth + 1)
+            try:
+                value = _bounded(_BINARY[type(link.op)](value, right))
+            except ZeroDivisionError:
+                raise CalculatorError("division by zero") from None
+            except OverflowError:
+                raise CalculatorError(_TOO_LARGE) from None
     elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         value = _UNARY[type(node.op)](_evaluate(node.operand, text, depth + 1))
     else:

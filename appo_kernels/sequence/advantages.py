@@ -35,7 +35,9 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = GROUP_E
         normalize_std: divide by `std + eps` (GRPO); False gives `R − mean` (Dr. GRPO).
 
     The std is the population std (divide by the group size), unlike verl's `torch.std`; a
-    singleton group gets 0. float64 rewards give float64 (for gradcheck). No device sync.
+    singleton group gets 0. Means and deviations are taken in float64 (rewards of 1e8 and 1e8 + 8
+    differ exactly), the result is float32 (float64 for float64 rewards, for gradcheck). No
+    device sync.
     """
     tensor_arg("rewards", rewards, dtypes=FLOAT_DTYPES, ndim=1)
     tensor_arg("group_ids", group_ids, dtypes=INDEX_DTYPES, shape=rewards.shape, like=rewards)
@@ -43,9 +45,9 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = GROUP_E
             math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    r = rewards.to(dtype)
+    r = rewards.double()
     group = dense_group_ids(group_ids)
-    buffer = torch.zeros(r.shape[0], dtype=dtype, device=r.device)  # one slot per possible group
+    buffer = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)  # a slot per group
     count = buffer.index_add(0, group, torch.ones_like(r))
     mean = buffer.index_add(0, group, r) / count.clamp_min(1)
     centred = r - mean[group]
@@ -53,7 +55,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = GROUP_E
         # two passes (mean, then squared deviations): no cancellation for large rewards
         var = buffer.index_add(0, group, centred * centred) / count.clamp_min(1)
         centred = centred / (var.sqrt()[group] + eps)
-    return torch.where(count[group] > 1, centred, 0.0)
+    return torch.where(count[group] > 1, centred, 0.0).to(dtype)
 
 
 def _check_branches(seq_adv, cu_seqlens, branch_parent, branch_position, branch_adv, n_tokens,

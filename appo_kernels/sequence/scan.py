@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from appo_kernels import _backend
-from appo_kernels._checks import FLOAT_DTYPES, cu_seqlens_arg, tensor_arg
+from appo_kernels._checks import FLOAT_DTYPES, bool_arg, cu_seqlens_arg, float_arg, tensor_arg
 from appo_kernels.sequence import reference
 from appo_kernels.sequence.reference import FUTURE_KL, FUTURE_VALUE, SUM, log_or_inf
 
@@ -75,11 +75,7 @@ torch.library.register_autograd("appo::suffix_scan", _backward, setup_context=_s
 
 
 def _check_gamma(gamma) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise TypeError(f"gamma must be a Python float, got {type(gamma).__name__}")
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    return float(gamma)
+    return float_arg("gamma", gamma, low=0.0, high=1.0)
 
 
 def _check_tokens(cu_seqlens, validate, **tensors) -> Tensor:
@@ -97,10 +93,9 @@ def _check_tokens(cu_seqlens, validate, **tensors) -> Tensor:
 def _check_clip(name: str, clip) -> tuple[float, float]:
     if clip is None:
         return -math.inf, math.inf
-    try:
-        lo, hi = (float(c) for c in clip)
-    except (TypeError, ValueError):
+    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
         raise TypeError(f"{name} must be a (low, high) pair of floats or None, got {clip!r}")
+    lo, hi = (float_arg(f"{name}[{i}]", c, finite=False) for i, c in enumerate(clip))
     if not lo <= hi:
         raise ValueError(f"{name} must have low <= high, got {clip!r}")
     return lo, hi
@@ -143,13 +138,16 @@ def future_kl_scale(adv_tok: Tensor, logprob: Tensor, old_logprob: Tensor, cu_se
     1 + clip), and f_t = clamp(f_t, 0.8, 1.0) where adv_t < 0 and exp(d_t) > safety_ratio.
     f carries no gradient; the result is differentiable with respect to `adv_tok`.
     """
-    _check_tokens(cu_seqlens, validate, adv_tok=adv_tok, logprob=logprob,
-                  old_logprob=old_logprob, mask=mask)
+    # logprob first: it is the reference shape, so a wrong adv_tok is named as such
+    _check_tokens(cu_seqlens, validate, logprob=logprob, old_logprob=old_logprob,
+                  adv_tok=adv_tok, mask=mask)
     tensor_arg("mask", mask, dtypes=(torch.bool,))
     gamma = _check_gamma(gamma)
-    for name, value in (("clip", clip), ("clip_c", clip_c), ("safety_ratio", safety_ratio)):
-        if not (isinstance(value, (int, float)) and value >= 0):
-            raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+    weight = float_arg("weight", weight)
+    high_only = bool_arg("high_only", high_only)
+    clip = float_arg("clip", clip, low=0.0)
+    clip_c = float_arg("clip_c", clip_c, low=0.0, finite=False)
+    safety_ratio = float_arg("safety_ratio", safety_ratio, low=0.0, finite=False)
     lo = 1.0 if high_only else 1.0 - clip
     factor = _suffix_scan_op(logprob.detach(), old_logprob.detach(), mask, adv_tok.detach(),
                              cu_seqlens, FUTURE_KL, gamma, lo, 1.0 + clip, log_or_inf(clip_c),

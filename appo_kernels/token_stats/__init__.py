@@ -7,14 +7,14 @@ fake implementation and a fused backward, so the op works under `torch.compile(f
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from appo_kernels import _backend
-from appo_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, tensor_arg
+from appo_kernels._checks import (FLOAT32_MAX, FLOAT32_TINY, FLOAT_DTYPES, INDEX_DTYPES,
+                                  float_arg, tensor_arg)
 from appo_kernels.token_stats import reference
 
 EXTRAS = ("varentropy", "top2_margin")
@@ -125,10 +125,13 @@ def _check_args(logits, target, temperature, mask, extras) -> None:
     lead = logits.shape[:-1]
     tensor_arg("target", target, dtypes=INDEX_DTYPES, shape=lead, like=logits, optional=True)
     tensor_arg("mask", mask, dtypes=(torch.bool,), shape=lead, like=logits, optional=True)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    temperature = float_arg("temperature", temperature, low=0.0, low_open=True)
+    # the kernels scale by 1/temperature in float32: it must be a finite normal float32
+    if not torch.compiler.is_compiling() and not (
+            FLOAT32_TINY <= 1.0 / temperature <= FLOAT32_MAX):
+        raise ValueError(f"temperature must be in [{1 / FLOAT32_MAX:.3g}, "
+                         f"{1 / FLOAT32_TINY:.3g}] (its reciprocal a normal float32), "
+                         f"got {temperature}")
     if isinstance(extras, str) or not all(isinstance(e, str) for e in extras):
         raise TypeError(f"extras must be a tuple of names from {EXTRAS}, got {extras!r}")
     unknown = [e for e in extras if e not in EXTRAS]

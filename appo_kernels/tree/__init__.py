@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from appo_kernels import _backend
-from appo_kernels._checks import tensor_arg
+from appo_kernels._checks import float_arg, tensor_arg
 from appo_kernels.tree import reference
 from appo_kernels.tree.flex import flex_tree_attention
 from appo_kernels.tree.layout import TreeLayout
@@ -86,6 +86,9 @@ def _check_attention_args(q, k, v, layout, scale):
     tensor_arg("k", k, dtypes=(q.dtype,), ndim=3, like=q)
     tensor_arg("v", v, dtypes=(q.dtype,), ndim=3, like=q)
     n, n_heads, head_dim = q.shape
+    if head_dim == 0 or n_heads == 0:
+        raise ValueError(f"q must have at least one head of dimension >= 1, got shape "
+                         f"{tuple(q.shape)} [N, Hq, D]")
     if k.shape != (n, k.shape[1], head_dim) or v.shape[:2] != k.shape[:2]:
         raise ValueError(f"k and v must have shape [N, Hkv, D] with q's N = {n} and D = "
                          f"{head_dim}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -95,8 +98,8 @@ def _check_attention_args(q, k, v, layout, scale):
         raise ValueError(f"q has {n} tokens but layout has {layout.n_tokens}")
     if layout.device != q.device:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}: use layout.to()")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if scale is not None:
+        float_arg("scale", scale)
 
 
 def tree_attention(q: Tensor, k: Tensor, v: Tensor, layout: TreeLayout, *,

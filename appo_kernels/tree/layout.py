@@ -9,6 +9,8 @@ over the depths (O(N log N) work, log N steps, no loop over tokens).
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -108,7 +110,12 @@ class TreeLayout:
         """Build from a parent array (a tensor or a list); raises ValueError unless it is a forest
         in DFS pre-order. Checking reads the data on the host once."""
         if not isinstance(parent, Tensor):
-            parent = torch.as_tensor(parent, dtype=torch.int64)
+            values = list(parent)
+            bad = next((i for i, v in enumerate(values)
+                        if isinstance(v, bool) or not isinstance(v, numbers.Integral)), None)
+            if bad is not None:  # as_tensor would truncate 0.5 to 0 without a word
+                raise TypeError(f"parent[{bad}] must be an integer, got {values[bad]!r}")
+            parent = torch.as_tensor([int(v) for v in values], dtype=torch.int64)
         tensor_arg("parent", parent, dtypes=INDEX_DTYPES, ndim=1)
         parent = parent.long()
         n = parent.numel()
@@ -155,8 +162,9 @@ class TreeLayout:
             ids = seq.tolist() if isinstance(seq, Tensor) else list(seq)
             node, path = -1, []
             for tok in ids:
-                if isinstance(tok, bool) or not isinstance(tok, int):
+                if isinstance(tok, bool) or not isinstance(tok, numbers.Integral):
                     raise TypeError(f"seqs[{s}] must hold integer token ids, got {tok!r}")
+                tok = int(tok)  # numpy integers too
                 level = roots if node < 0 else children[node]
                 nxt = level.get(tok)
                 if nxt is None:
