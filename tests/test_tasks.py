@@ -32,7 +32,7 @@ def test_builtin_tasks_are_registered():
 def test_unknown_task_and_unknown_option():
     with pytest.raises(ValueError, match="unknown task 'nope'.*calc"):
         get_task("nope")
-    with pytest.raises(TypeError, match="task 'calc'.*colour"):
+    with pytest.raises(ValueError, match="data.task_options of task 'calc'.*colour"):
         get_task("calc", colour="red")
 
 

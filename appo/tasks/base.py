@@ -123,7 +123,8 @@ def get_task(name: str, **options) -> Task:
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as e:
-        raise TypeError(f"task {name!r}: {e}; its options: {inspect.signature(factory)}") from None
+        raise ValueError(f"data.task_options of task {name!r}: {e}; its options: "
+                         f"{inspect.signature(factory)}") from None
     return factory(**options)
 
 
