@@ -289,6 +289,8 @@ class ARPO(Algorithm):
         offset = 0  # index of `pool`'s first sequence among all sequences of the step
         parents, positions, depths, rounds, beta_dh = [], [], [], [], []
         for depth in range(1, cfg.arpo_max_depth + 1):
+            if depth > 1:  # the forks of the last round are the pool: their entropy
+                entropy = context.stats(pool).entropy
             chosen = self._choose(pool, entropy, starts, left, context.generator, beta_dh)
             if not chosen:
                 break
@@ -300,8 +302,8 @@ class ARPO(Algorithm):
             rounds.append(fork)
             offset += len(pool)
             pool, starts = fork, [e + 1 for _, e in chosen]
-            if depth < cfg.arpo_max_depth and any(left):
-                entropy = context.stats(fork).entropy
+            if not any(left):
+                break
         wanted = [g for g, k in enumerate(left) for _ in range(k)]
         if wanted:
             rounds.append(context.generate(wanted))

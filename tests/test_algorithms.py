@@ -329,6 +329,11 @@ def test_arpo_forks_branch_again_up_to_the_depth_limit():
         assert len(fake.forks) == depth
     # depth 2: the second round forks the forks (pool indices 1 and 2: after the init rollout)
     assert [e for _, e, _ in fake.forks[1]] == [7, 11]
+    # a budget spent in the first round ends the branching there (no second round)
+    fake = Deeper()
+    branched = arpo(budget=2, alpha=1.0, beta=0.0, depth=2).branch(
+        init, policy(torch.zeros(n), torch.rand(n)), fake.context())
+    assert points(branched) == [(0, 3, 1), (0, 7, 1)] and len(fake.forks) == 1
 
 
 def test_arpo_trains_branches_with_group_advantages():
