@@ -142,3 +142,60 @@ def test_a_model_path_that_cannot_be_loaded_exits_with_2(tmp_path, capsys):
             main(["train", "--model", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
         assert stop.value.code == 2
         assert "actor_rollout_ref.model.path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["actor_rollout_ref.actor.clip_ratio_low=1.5"], "clip_ratio_low must be in [0, 1)"),
+    (["actor_rollout_ref.actor.loss_agg_mode=foo"], "loss_agg_mode must be one of"),
+    (["actor_rollout_ref.actor.kl_loss_type=foo"], "kl_loss_type must be one of"),
+    (["actor_rollout_ref.rollout.temperature=.inf"], "temperature' must be a finite number"),
+    (["actor_rollout_ref.model.warm_start_steps=-5"], "warm_start_steps must be None or >= 0"),
+    (["actor_rollout_ref.model.dtype=foo"], "model.dtype must be one of"),
+    (["--device", "tpu"], "trainer.device must be auto, cpu, cuda or cuda:N"),
+    (["--task", "nope"], "data.task must be a registered task"),
+    (["--model", "/nonexistent/model"], "model.path must be an existing model directory"),
+    (["--config", "/nonexistent/run.yaml"], "--config /nonexistent/run.yaml: No such file"),
+    (["data.train_batch_size=[1,"], "override 'data.train_batch_size'"),
+    (["data.task_options={colour: red}"], "data.task_options of task 'calc'"),
+])
+def test_bad_runs_exit_2_with_one_line_naming_the_key(tmp_path, capsys, argv, message):
+    from appo.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--no-progress", "--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("appo: error:")
+
+
+def test_a_malformed_config_file_exits_2(tmp_path, capsys):
+    from appo.cli import main
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("data: [1,\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--config", str(bad)])
+    assert stop.value.code == 2 and "not valid YAML" in capsys.readouterr().err
+
+
+def test_vllm_that_is_not_installed_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from appo.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--engine", "vllm", "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2 and "vllm is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_shows_each_default_once(capsys):
+    from appo.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "default appo" in text
