@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from appo.rollout import tools
+from appo.rollout import sandbox, tools
 from appo.rollout.tools import PythonTool, calculator, get_tool, register_tool, tool_names
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +252,10 @@ def test_calculator_never_raises_on_junk():
 # ----------------------------------------------------------------------------------------------
 # python tool
 
-FAST = PythonTool(timeout_s=2, cpu_s=2, memory_bytes=512 << 20)
+# the plumbing tests run in the sandbox where it works (always in CI), else with limits only
+HERE = "bwrap" if sandbox.available() is None else "rlimits"
+FAST = PythonTool(timeout_s=2, cpu_s=2, memory_bytes=512 << 20, sandbox=HERE)
+needs_bwrap = pytest.mark.skipif(HERE != "bwrap", reason=f"no sandbox: {sandbox.available()}")
 
 
 def test_python_prints():
@@ -284,18 +287,18 @@ def test_python_exit_code_and_abort():
 
 def test_python_infinite_loop_times_out():
     start = time.monotonic()
-    result = PythonTool(timeout_s=1, cpu_s=10)("print('spinning')\nwhile True: pass")
+    result = PythonTool(timeout_s=1, cpu_s=10, sandbox=HERE)("print('spinning')\nwhile True: pass")
     assert time.monotonic() - start < 3
     assert result == "spinning\n[timed out after 1 s]"
 
 
 def test_python_sleep_times_out_on_wall_time():
-    result = PythonTool(timeout_s=0.5, cpu_s=10)("import time\ntime.sleep(60)")
+    result = PythonTool(timeout_s=0.5, cpu_s=10, sandbox=HERE)("import time\ntime.sleep(60)")
     assert result == "[timed out after 0.5 s]"
 
 
 def test_python_cpu_limit():
-    result = PythonTool(timeout_s=10, cpu_s=1)("while True: pass")
+    result = PythonTool(timeout_s=10, cpu_s=1, sandbox=HERE)("while True: pass")
     assert result == "[CPU time limit of 1 s exceeded]"
 
 
@@ -305,7 +308,7 @@ def test_python_memory_hog_comes_back_as_text():
 
 
 def test_python_output_is_truncated_visibly():
-    result = PythonTool(max_output_bytes=100)("for i in range(1000):\n    print(i)")
+    result = PythonTool(max_output_bytes=100, sandbox=HERE)("for i in range(1000):\n    print(i)")
     assert result.startswith("0\n1\n2\n")
     assert result.endswith("998\n999")
     assert "\n[truncated " in result and len(result) < 200
@@ -319,24 +322,24 @@ def work_dirs():
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "appo_python_*")))
 
 
-@pytest.mark.parametrize("sandbox", ["bwrap", "rlimits"])
-def test_python_runs_in_a_clean_temporary_directory(monkeypatch, sandbox):
+@pytest.mark.parametrize("mode", [pytest.param("bwrap", marks=needs_bwrap), "rlimits"])
+def test_python_runs_in_a_clean_temporary_directory(monkeypatch, mode):
     monkeypatch.setenv("APPO_TEST_SECRET", "hunter2")
     before = work_dirs()
-    result = PythonTool(sandbox=sandbox, timeout_s=2)(
+    result = PythonTool(sandbox=mode, timeout_s=2)(
         "import os\nprint(os.environ.get('APPO_TEST_SECRET'))\nprint(os.getcwd())")
     secret, workdir = result.splitlines()
     assert secret == "None"
     assert work_dirs() == before  # removed after the run
-    if sandbox == "bwrap":
+    if mode == "bwrap":
         assert workdir == "/work"
 
 
-@pytest.mark.parametrize("sandbox", ["bwrap", "rlimits"])
-def test_python_kills_leftover_children(sandbox):
+@pytest.mark.parametrize("mode", [pytest.param("bwrap", marks=needs_bwrap), "rlimits"])
+def test_python_kills_leftover_children(mode):
     marker = f"{time.time_ns() % 10**9}.25"  # a sleep only this test starts
     start = time.monotonic()
-    PythonTool(sandbox=sandbox, timeout_s=2)(
+    PythonTool(sandbox=mode, timeout_s=2)(
         "import subprocess\n"
         f"subprocess.Popen(['sleep', '{marker}'])\n"
         "print('started')")
@@ -380,6 +383,7 @@ def test_python_tool_failure_is_text(monkeypatch):
     assert FAST("print(1)") == "error: python tool failed: OSError: fork failed"
 
 
+@needs_bwrap
 def test_registered_python_tool():
     assert get_tool("python")("print(6 * 7)") == "42"
 

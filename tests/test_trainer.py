@@ -309,7 +309,7 @@ def test_model_path_trains_any_local_causal_lm(env, tmp_path):
     result = Trainer(run, log=lambda *_: None).train()
     assert result.step == 1 and not (tmp_path / "run" / "warm_start").exists()
     assert (tmp_path / "run" / "checkpoints" / "step_000001").exists()
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="model.path must be an existing model directory"):
         Trainer(tiny(tmp_path / "run2", f"actor_rollout_ref.model.path={tmp_path / 'nope'}"),
                 log=lambda *_: None)
 
