@@ -15,7 +15,7 @@ from setuptools import setup
 
 DEFAULT_ARCH_LIST = "8.0;9.0"  # A100 and H100/H200
 CSRC = "csrc"
-# No --use_fast_math: the kernels rely on accurate expf/logf for the SPEC §2.1 error bounds.
+# No --use_fast_math: the kernels rely on accurate expf/logf for the docs/ops.md error bounds.
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 CXX_FLAGS = ["-O3"]
 

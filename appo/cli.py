@@ -1,4 +1,4 @@
-"""`appo train`: the whole APPO loop from the command line (SPEC §4).
+"""`appo train`: the whole APPO loop from the command line (docs/training.md).
 
     appo train                                  # the embedded default: tiny model, calc task
     appo train --algo grpo --steps 20 --out runs/grpo

@@ -60,7 +60,7 @@ class OptimConfig:
 
     # for the tiny default model (measured on its earlier character-level recipe: 1e-4 stayed flat
     # over 30 steps, 2e-4 with 16 prompts a step gained, 3e-4 with 8 prompts collapsed it); real
-    # models want about 1e-6 (SPEC §3.6)
+    # models want about 1e-6 (docs/algorithm.md)
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.99)
@@ -117,7 +117,7 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """verl's `algorithm.*`. `adv_estimator` selects the algorithm (SPEC §3)."""
+    """verl's `algorithm.*`. `adv_estimator` selects the algorithm (docs/algorithm.md)."""
 
     adv_estimator: str = "appo"  # a registered algorithm (appo.algorithms)
     branch_budget: int = 4  # B: branches per prompt (per rollout with branch_per="sequence")
@@ -128,7 +128,7 @@ class AlgorithmConfig:
     # branch before any update (the reference code's order, where Ω is rounding noise)
     branch_after_update: bool = True
     appo_random_branch_points: bool = False  # ablation: uniform among the eligible tokens
-    # APPO: Ω and the future-KL scaling of the loss (SPEC §2.3 defaults)
+    # APPO: Ω and the future-KL scaling of the loss (docs/ops.md, sequence ops defaults)
     omega_clip: tuple = (0.8, 1.2)
     use_future_kl: bool = True
     future_kl_gamma: float = 2 ** (-1 / 64)

@@ -1,6 +1,7 @@
 """Held-out evaluation: sample responses to a task's problems and score them with its reward.
 
-The reward convention is the task's (SPEC §3.4): 1 for an exact match, -1 for bad format, values in
+The reward convention is the task's (docs/algorithm.md): 1 for an exact match, -1 for bad format,
+values in
 between for partial credit. `accuracy` counts reward == 1 and `format_error_rate` reward == -1.
 Sampling is the rollouts' own (same engine, tool loop and limits), at temperature 1 by default, so
 the numbers describe the policy RL trains; `greedy=True` takes the most likely token instead.

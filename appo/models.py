@@ -1,4 +1,5 @@
-"""The embedded default model (SPEC §4): a tiny Llama and a character tokenizer, built locally.
+"""The embedded default model (docs/training.md): a tiny Llama and a character tokenizer, built
+locally.
 
 `appo train` with no arguments needs a model without a download. This module generates one from a
 seed on first use and caches it as an ordinary Hugging Face directory (`config.json`,
@@ -55,7 +56,7 @@ DEFAULT_CONFIG = dict(
     # 10% for seed 0 with two heads, 56% with four; docs/training.md)
     num_attention_heads=4,
     num_key_value_heads=4,
-    head_dim=64,  # vLLM's CPU attention needs >= 64 (SPEC issue 5)
+    head_dim=64,  # vLLM's CPU attention needs >= 64 (issue 5)
     # two layers learn the calc scratchpad (copy with one substitution) in fewer steps than four,
     # at half the cost per step (measured: 12% vs 2% greedy accuracy after 400 warm-start steps)
     num_hidden_layers=2,

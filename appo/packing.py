@@ -1,4 +1,4 @@
-"""The training pass over packed rollout trees (SPEC §2.5, §4).
+"""The training pass over packed rollout trees (docs/ops.md, tree attention; docs/training.md).
 
 All sequences of a micro-batch (prompts, their rollouts and branches; several prompts share a
 call) are merged into one trie (`TreeLayout.from_sequences`): every shared prefix is one run of

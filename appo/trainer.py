@@ -1,4 +1,5 @@
-"""The APPO training loop (SPEC §3, §4). One step reads top to bottom as the algorithm does:
+"""The APPO training loop (docs/algorithm.md; docs/training.md). One step reads top to bottom as
+the algorithm does:
 
     rollout -> score -> [APPO's order: first PPO mini-batch] -> branch -> reward -> advantages
     -> PPO mini-batches -> push weights

@@ -1,4 +1,5 @@
-"""Supervised warm start ("cold start", SPEC §4): a short fine-tune on task demonstrations in the
+"""Supervised warm start ("cold start", docs/training.md): a short fine-tune on task demonstrations
+in the
 tool format, so that RL starts from a policy that writes the protocol and can call the tools.
 A share of the demonstrations (`direct_share`) answers at once without a tool, so the policy RL
 starts from uses the tool only some of the time: learning when the tool pays is left to RL.

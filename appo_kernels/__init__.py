@@ -1,4 +1,5 @@
-"""appo_kernels: trainer-agnostic GPU ops for agentic RL with branched rollouts (see SPEC §2)."""
+"""appo_kernels: trainer-agnostic GPU ops for agentic RL with branched rollouts (see
+docs/ops.md)."""
 
 from appo_kernels._backend import backend_info
 from appo_kernels.losses import kl_penalty, policy_loss

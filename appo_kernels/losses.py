@@ -1,4 +1,4 @@
-"""Policy-gradient losses over packed tokens (SPEC §2.4, §3 step 6): token-level PPO with
+"""Policy-gradient losses over packed tokens (docs/ops.md; docs/algorithm.md): token-level PPO with
 clip-higher and dual clip, APPO's filter of sequences hit repeatedly by the dual clip, verl's loss
 aggregation modes, and the k1/k2/k3 KL penalties.
 

@@ -1,4 +1,5 @@
-"""`future_value` and `future_kl_scale` against the O(L²) decay-matrix formulation (SPEC §5).
+"""`future_value` and `future_kl_scale` against the O(L²) decay-matrix formulation
+(bench/README.md).
 
 Providers, in the same run:
   appo-triton, appo-torch   `appo_kernels.sequence` with APPO_BACKEND forced (triton on GPU only)
@@ -18,7 +19,7 @@ from appo_kernels import _backend
 from appo_kernels.sequence import future_kl_scale, future_value
 
 ON_CUDA = torch.cuda.is_available()
-# SPEC §5: 768 sequences × 6144 tokens on a GPU; a smoke test on the CPU.
+# bench/README.md: 768 sequences × 6144 tokens on a GPU; a smoke test on the CPU.
 SEQS, LENGTH = (768, 6144) if ON_CUDA else (8, 256)
 FUTURE_KL_GAMMA = 2 ** (-1 / 64)
 CLIP = (0.8, 1.2)

@@ -1,4 +1,4 @@
-"""`token_stats` against its peers (SPEC §5): forward, and forward+backward to the logits.
+"""`token_stats` against its peers (bench/README.md): forward, and forward+backward to the logits.
 
 Providers, all in the same run:
   appo-cuda, appo-triton, appo-torch   `appo_kernels.token_stats` with APPO_BACKEND forced
@@ -25,7 +25,7 @@ from torch import Tensor
 from appo_kernels import _backend, token_stats
 
 ON_CUDA = torch.cuda.is_available()
-# SPEC §5 shapes on a GPU; a smoke test on the CPU (`pytest bench/ --benchmark-disable`).
+# bench/README.md shapes on a GPU; a smoke test on the CPU (`pytest bench/ --benchmark-disable`).
 TOKENS = 8192 if ON_CUDA else 64
 VOCABS = (32000, 128256, 151936, 262144) if ON_CUDA else (1000, 32000)
 DTYPES = (torch.bfloat16, torch.float32) if ON_CUDA else (torch.float32,)

@@ -1,4 +1,4 @@
-"""`tree_attention` on the rollout trees C1–C5 against its peers (SPEC §5).
+"""`tree_attention` on the rollout trees C1–C5 against its peers (bench/README.md).
 
 Providers, all in the same run:
   appo-triton     `appo_kernels.tree_attention`, APPO_BACKEND=triton (GPU, where
@@ -40,7 +40,8 @@ from appo_kernels.tree import TreeLayout, flex_tree_attention, reference, tree_a
 from bench.trees import TREES, RolloutTree, rollout_tree
 
 ON_CUDA = torch.cuda.is_available()
-# SPEC §5 on a GPU; on the CPU a smoke test of a few seconds (`pytest bench/ --benchmark-disable`).
+# bench/README.md on a GPU; on the CPU a smoke test of a few seconds (`pytest bench/
+# --benchmark-disable`).
 if ON_CUDA:
     TREE_SCALE, Q_HEADS, KV_HEADS, HEAD_DIM, DTYPE = 1.0, 32, 8, 128, torch.bfloat16
     CHECK_SCALE = 1 / 32  # the tree each provider is checked on before timing: N ≈ 1k–4k
@@ -239,7 +240,7 @@ def _setup_unrolled(name, scale, q, k, v, do, grad) -> Attention:
             return [attend(*qkv) for qkv in zip(q_paths, k_paths, v_paths)]
 
     # Each copy of a token gets its upstream gradient divided by the number of copies: summed over
-    # the copies, the unrolled gradients are then exactly the tree's (SPEC §6).
+    # the copies, the unrolled gradients are then exactly the tree's (docs/ops.md).
     copies = torch.bincount(index, minlength=n)
     grad_outputs = unroll((do.float() / copies[:, None, None]).to(do.dtype))
 

@@ -1,4 +1,4 @@
-"""Shared fixtures for every `bench_*.py` file (SPEC §5).
+"""Shared fixtures for every `bench_*.py` file (bench/README.md).
 
 A bench file asks for `measure` and calls `measure(step, bytes_moved=..., **info)`: it warms `step`
 up, times it with `benchmark.pedantic` around a function that synchronises the device, and records

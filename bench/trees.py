@@ -1,4 +1,4 @@
-"""Seeded rollout trees C1–C5 for the tree-attention benchmark (SPEC §5).
+"""Seeded rollout trees C1–C5 for the tree-attention benchmark (bench/README.md).
 
 A tree is built from *segments* (chains of tokens: a prompt, a rollout, a branch); a branch hangs
 off one token of its parent segment and, as in ARPO, continues from there to the same total length
@@ -222,7 +222,8 @@ def markdown_table(scale: float = 1.0, seed: int = SEED) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Sizes of the rollout trees C1–C5 (SPEC §5)")
+    parser = argparse.ArgumentParser(description="Sizes of the rollout trees C1-C5 "
+                                                 "(bench/README.md)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every length")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-// CUDA kernels of token_stats (SPEC §2.1): log-prob of the target, entropy, logsumexp (and on
+// CUDA kernels of token_stats (docs/ops.md): log-prob of the target, entropy, logsumexp (and on
 // request varentropy and the top-2 margin) of every row of logits, and the fused backward.
 //
 // Forward: a group of warps per row reads the row once. Each thread keeps float32 sums relative to
@@ -142,7 +142,7 @@ __device__ __forceinline__ void accumulate_chunk(RowAcc& acc, const float (&x)[k
   rescale<kVar>(acc, max_nan(acc.m, chunk_max), inv_t);
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
-    // Subtract the max before scaling by 1/T (SPEC §2.1); the floor makes −inf add 0, not NaN.
+    // Subtract the max before scaling by 1/T (docs/ops.md); the floor makes −inf add 0, not NaN.
     const float d = fmaxf((x[k] - acc.m) * inv_t, kExpFloor);
     const float e = expf(d);
     acc.s += e;

@@ -1,4 +1,4 @@
-// Host launchers of the token_stats CUDA kernels (SPEC §2.1). Plain C++ with raw pointers so the
+// Host launchers of the token_stats CUDA kernels (docs/ops.md). Plain C++ with raw pointers so the
 // kernels build without torch headers; csrc/bindings.cpp wraps them for torch.
 #pragma once
 

@@ -1,4 +1,5 @@
-"""The tests every rollout engine passes: the Engine protocol of appo.rollout.base (SPEC §3.1,
+"""The tests every rollout engine passes: the Engine protocol of appo.rollout.base
+(docs/algorithm.md,
 issue 5 item 7).
 
 An engine's test module subclasses `EngineContract` and gives it a fixture `rollout` returning an

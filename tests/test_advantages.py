@@ -1,4 +1,4 @@
-"""group_advantages and procedure_advantages (SPEC §2.3) against float64 loops written straight
+"""group_advantages and procedure_advantages (docs/ops.md) against float64 loops written straight
 from the definitions."""
 
 import math

@@ -1,4 +1,5 @@
-"""The rollout-tree generators of the tree-attention benchmark (`bench/trees.py`, SPEC §5)."""
+"""The rollout-tree generators of the tree-attention benchmark (`bench/trees.py`,
+bench/README.md)."""
 
 import pytest
 import torch

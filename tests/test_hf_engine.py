@@ -1,4 +1,4 @@
-"""The transformers rollout engine (SPEC §3.1, §3.3; issue 5 items 2 and 7).
+"""The transformers rollout engine (docs/algorithm.md; issue 5 items 2 and 7).
 
 The engine contract (tests/engine_contract.py) runs on the scripted Llama; here are the properties
 of this engine: forks reuse the parent's KV cache (counted prefilled tokens) and sample the same

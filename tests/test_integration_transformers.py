@@ -1,4 +1,4 @@
-"""The transformers integration (SPEC §2.6): one packed tree forward through a Hugging Face model
+"""The transformers integration (docs/ops.md): one packed tree forward through a Hugging Face model
 with attn_implementation="appo_tree" gives every sequence the log-probs and parameter gradients of
 running it alone with ordinary causal attention."""
 

@@ -1,4 +1,4 @@
-"""policy_loss and kl_penalty (SPEC §2.4) against float64 references written token by token, with
+"""policy_loss and kl_penalty (docs/ops.md) against float64 references written token by token, with
 the aggregations in the padded [S, L] form in which verl and TRL define them."""
 
 import math

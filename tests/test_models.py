@@ -1,4 +1,5 @@
-"""The embedded default model (SPEC §4, issue 5 item 6): built offline from a seed, cached under a
+"""The embedded default model (docs/training.md, issue 5 item 6): built offline from a seed, cached
+under a
 recipe hash, reused, loadable by the Auto classes; the character tokenizer round-trips."""
 
 import os

@@ -1,4 +1,4 @@
-"""select_branch_points and vocab_flags (SPEC §2.3) against a brute-force ranking written with
+"""select_branch_points and vocab_flags (docs/ops.md) against a brute-force ranking written with
 Python's sorted(), and hand-built tokenizers (byte-level BPE, SentencePiece, decode-only)."""
 
 import math
@@ -248,7 +248,8 @@ def test_vocab_flags_bad_tokenizer():
 
 
 def test_eligible_from_flags_feeds_selection(device):
-    """The SPEC's recipe: candidates exclude whitespace-only and non-model tokens."""
+    """The trainer's recipe (docs/algorithm.md): candidates exclude whitespace-only and
+    non-model tokens."""
     vocab = with_markers(BYTE_LEVEL_VOCAB, "Ġ")
     flags = vocab_flags(PieceTokenizer([p for p, _, _ in vocab]), device=device)
     token_ids = torch.randint(0, len(vocab), (40,), device=device)

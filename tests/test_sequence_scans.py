@@ -1,4 +1,4 @@
-"""discounted_suffix_sum, future_value, future_kl_scale and branching_score (SPEC §2.3) against
+"""discounted_suffix_sum, future_value, future_kl_scale and branching_score (docs/ops.md) against
 brute-force float64 loops and the O(L²) decay-matrix formulation of the reference code."""
 
 import math
@@ -150,7 +150,7 @@ def test_future_value_clamps_the_exponent(backend):
 
 
 def brute_future_kl(adv, logprob, old, mask, cu, gamma, weight, clip, high_only, clip_c, safety):
-    """SPEC §2.3 future_kl_scale, one token at a time."""
+    """docs/ops.md, sequence ops future_kl_scale, one token at a time."""
     out = torch.zeros(len(adv), dtype=torch.float64)
     d = (logprob.double() - old.double()).clamp(-20, 20)
     for start, end in spans(cu):

@@ -1,4 +1,5 @@
-"""token_stats (SPEC §2.1) against a float64 reference written the obvious way, on every backend."""
+"""token_stats (docs/ops.md) against a float64 reference written the obvious way, on every
+backend."""
 
 import math
 
@@ -13,7 +14,7 @@ from conftest import ON_GPU
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # vocab sizes that are not multiples of any block, plus the large real ones
 VOCABS = [7, 1000, 50257, 151936]
-ABS_TOL, REL_TOL = 2e-5, 2.4e-7  # SPEC §2.1 error bound for logprob, entropy and lse
+ABS_TOL, REL_TOL = 2e-5, 2.4e-7  # docs/ops.md, token_stats error bound for logprob, entropy and lse
 GRAD_TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (2e-5, 1e-3), torch.bfloat16: (2e-5, 8e-3)}
 
 
@@ -34,7 +35,7 @@ def reference(logits, target=None, temperature=1.0, mask=None):
         entropy, math.inf)
     if target is not None:
         out["logprob"] = log_p.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
-    no_finite_logit = ~torch.isfinite(z).any(-1)  # SPEC: such a row gives NaN in its outputs
+    no_finite_logit = ~torch.isfinite(z).any(-1)  # docs/ops.md: such a row gives NaN in its outputs
     out = {k: torch.where(no_finite_logit, math.nan, v) for k, v in out.items()}
     if mask is not None:
         out = {k: torch.where(mask, v, 0.0) for k, v in out.items()}

@@ -1,4 +1,4 @@
-"""tree_attention (SPEC §2.5, §6) against ordinary causal attention on every unrolled root-to-leaf
+"""tree_attention (docs/ops.md) against ordinary causal attention on every unrolled root-to-leaf
 path, computed in float64 with an explicit softmax, on every backend.
 
 A token shared by several paths appears once in the packed tree: its output, lse and dq equal those
@@ -291,7 +291,7 @@ def test_deterministic_is_bitwise_reproducible(backend, device):
 
 @pytest.mark.parametrize("shape", ["random", "leaves_on_trunk"])
 def test_tree_results_do_not_depend_on_the_forest(backend, device, shape):
-    """Batch invariance (SPEC §2): a tree's outputs and deterministic gradients are bitwise the
+    """Batch invariance (docs/ops.md): a tree's outputs and deterministic gradients are bitwise the
     same alone and packed with other trees, and with and without autograd."""
     rng = seeded_rng()
     tree = (random_sequences(rng, max_tokens=150, chunk=(20, 60)) if shape == "random"

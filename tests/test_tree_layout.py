@@ -1,4 +1,4 @@
-"""TreeLayout (SPEC §2.5): metadata against brute-force walks of the parent array, the trie built
+"""TreeLayout (docs/ops.md): metadata against brute-force walks of the parent array, the trie built
 by from_sequences, and the FlexAttention block mask against the dense mask."""
 
 import random

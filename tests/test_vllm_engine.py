@@ -1,4 +1,5 @@
-"""The vLLM rollout engine (SPEC §4; issue 5 item 3): the engine contract (tests/engine_contract.py)
+"""The vLLM rollout engine (docs/training.md; issue 5 item 3): the engine contract
+(tests/engine_contract.py)
 and what is vLLM's own: forks and tool-loop resubmissions hit the prefix cache, a weight push
 resets it, a bad LLM is refused, and starting vLLM in this process leaves the process alone.
 

@@ -1,4 +1,5 @@
-"""What a training run leaves in its output directory (SPEC §4): the metrics log, its plots, the
+"""What a training run leaves in its output directory (docs/training.md): the metrics log, its
+plots, the
 rollout page, and the progress bar. Pure Python + numpy + matplotlib (Agg) + tqdm; no torch.
 
     log = MetricsLog(out_dir / METRICS_FILE)      # one JSON object per line, each with "step"

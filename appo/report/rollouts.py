@@ -1,5 +1,5 @@
 """`rollouts.html`: a static page of sampled rollouts, each token shaded by its branching score
-(SPEC §3.2) and the chosen branch points marked, with every branch under its parent rollout.
+(docs/algorithm.md) and the chosen branch points marked, with every branch under its parent rollout.
 
 One self-contained file (inline CSS, no script, no external resource) that a browser opens from
 disk; it is rewritten atomically after every `add_step`, keeping the last `keep_steps` steps and,
@@ -79,7 +79,8 @@ class RolloutReport:
     prompt tokens, if the caller includes them: non-model tokens before the first model token are
     shown as prompt). Scores are normalised per rollout by its largest |score|; None or
     non-finite scores are not shaded. A branch forks after its parent's token `position` (that
-    token kept, SPEC §3.3). Adding a step at or before the latest one replaces it and drops the
+    token kept, docs/algorithm.md). Adding a step at or before the latest one replaces it and drops
+    the
     later ones (a resumed run).
     """
 

@@ -1,4 +1,5 @@
-"""The rollout interface every engine implements (SPEC §3.1, §4): token ids in, token ids out.
+"""The rollout interface every engine implements (docs/algorithm.md; docs/training.md): token ids
+in, token ids out.
 
 A sample is the prompt plus a response in which model tokens and tool results alternate. Every
 response token has one entry in `response_mask` (1: the model sampled it, 0: a tool wrote it) and

@@ -1,4 +1,5 @@
-"""The built-in rollout engine on transformers, with KV-cache reuse for forks (SPEC §3, §4).
+"""The built-in rollout engine on transformers, with KV-cache reuse for forks (docs/algorithm.md;
+docs/training.md).
 
 Design, in the order a rollout meets it:
 

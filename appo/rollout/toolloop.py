@@ -1,4 +1,4 @@
-"""The tool loop every engine runs (SPEC §3.1): stop rules, tool calls, fork starts, seeds.
+"""The tool loop every engine runs (docs/algorithm.md): stop rules, tool calls, fork starts, seeds.
 
 An engine samples model tokens; whenever it has appended some to a sample (and to the sample's
 `Rollout.segment`) it hands the sample to `ToolLoop.decide`, which applies these rules to the last

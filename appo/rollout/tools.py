@@ -1,4 +1,4 @@
-"""Tools the rollout loop can call, registered by name (SPEC §3.1, issue 5 item 4).
+"""Tools the rollout loop can call, registered by name (docs/algorithm.md, issue 5 item 4).
 
 A tool is `fn(arguments: str) -> str`: it gets the text of the call's one argument (between
 `<name>` and `</name>` in the tag format; the value of its one parameter in a chat model's JSON

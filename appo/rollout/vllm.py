@@ -1,4 +1,5 @@
-"""The vLLM rollout engine (SPEC §3, §4): prefix caching for the tool loop and forks, weights
+"""The vLLM rollout engine (docs/algorithm.md; docs/training.md): prefix caching for the tool loop
+and forks, weights
 pushed from the training model.
 
 Design:

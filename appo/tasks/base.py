@@ -1,4 +1,4 @@
-"""Tasks: problems with a verifiable reward (SPEC §3.4, issue 5 item 5), registered by name.
+"""Tasks: problems with a verifiable reward (docs/algorithm.md, issue 5 item 5), registered by name.
 
 A task gives seeded, disjoint train/eval splits of `Problem`s, the grade of a response (a reward
 with the reason for it), the tools its responses may call and, for the supervised warm start, a

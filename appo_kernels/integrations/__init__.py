@@ -1,4 +1,4 @@
-"""Adapters that plug appo_kernels into other libraries (SPEC §2.6).
+"""Adapters that plug appo_kernels into other libraries (docs/ops.md, transformers).
 
 Each adapter lives in its own module and imports its library only there, so that
 `import appo_kernels` never needs transformers, verl, TRL or OpenRLHF:

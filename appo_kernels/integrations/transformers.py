@@ -1,7 +1,7 @@
 """Hugging Face transformers: packed rollout trees through any `AttentionInterface` model.
 
 Importing this module registers the attention function `"appo_tree"`. A model switched to it runs
-one packed tree (SPEC §2.5) per forward, every shared prefix computed once:
+one packed tree (docs/ops.md, tree attention) per forward, every shared prefix computed once:
 
     model = enable_tree_attention(model)              # or attn_implementation="appo_tree" at load
     layout, token_ids, paths = TreeLayout.from_sequences(seqs)
@@ -122,7 +122,7 @@ def tree_token_stats(logits: Tensor, layout: TreeLayout, token_ids: Tensor, *,
                      temperature: float = 1.0, mask: Optional[Tensor] = None,
                      extras: tuple[str, ...] = ()) -> TokenStats:
     """Next-token statistics of a packed tree, per token: `token_stats` of the distribution that
-    predicts token t, which sits at row `parent[t]` of `logits` (SPEC §2.5).
+    predicts token t, which sits at row `parent[t]` of `logits` (docs/ops.md, tree attention).
 
     Args:
         logits: [N, V] or [1, N, V] (a tree forward's output), in the layout's order.

@@ -1,4 +1,4 @@
-"""Sequence ops over packed varlen sequences (SPEC §2.3): scans, scores, selection, advantages."""
+"""Sequence ops over packed varlen sequences (docs/ops.md): scans, scores, selection, advantages."""
 
 from appo_kernels.sequence.advantages import group_advantages, procedure_advantages
 from appo_kernels.sequence.packing import pack, unpack

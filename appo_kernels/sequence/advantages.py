@@ -1,4 +1,5 @@
-"""Advantages (SPEC §2.3, §3 step 5): group-normalised sequence advantages (GRPO, and APPO's
+"""Advantages (docs/ops.md; docs/algorithm.md): group-normalised sequence advantages (GRPO, and
+APPO's
 dual groups) and APPO's procedure credit, which gives every token of a rollout the mean advantage
 of the branches that split from it at or after that token.
 

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from appo_kernels.sequence.packing import token_segments
 
-# modes of the fused scan (SPEC §2.3)
+# modes of the fused scan (docs/ops.md, sequence ops)
 SUM, FUTURE_VALUE, FUTURE_KL = 0, 1, 2
-LOG_RATIO_CLAMP = 20.0  # SPEC §2.3: log-ratios and Ω's exponent are clamped to ±20
+LOG_RATIO_CLAMP = 20.0  # docs/ops.md, sequence ops: log-ratios and Ω's exponent are clamped to ±20
 SAFETY_CLAMP = (0.8, 1.0)  # future-KL factor where adv < 0 and the ratio exceeds safety_ratio
 
 

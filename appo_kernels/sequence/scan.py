@@ -1,4 +1,4 @@
-"""Suffix scans over packed sequences (SPEC §2.3): `discounted_suffix_sum`, the future value Ω
+"""Suffix scans over packed sequences (docs/ops.md): `discounted_suffix_sum`, the future value Ω
 and the future-KL advantage scaling, in O(N) instead of the reference code's O(L²) decay matrix.
 
 All three are one custom op (`appo::suffix_scan`) whose kernel fuses the per-token work before the
@@ -131,7 +131,7 @@ def future_kl_scale(adv_tok: Tensor, logprob: Tensor, old_logprob: Tensor, cu_se
                     mask: Tensor, *, gamma: float = FUTURE_KL_GAMMA, weight: float = 1.0,
                     clip: float = 0.2, high_only: bool = True, clip_c: float = 3.0,
                     safety_ratio: float = 6.0, validate: bool = False) -> Tensor:
-    """APPO's future-aware advantage scaling: `adv_tok · (1 + weight · f)` (SPEC §2.3).
+    """APPO's future-aware advantage scaling: `adv_tok · (1 + weight · f)` (docs/ops.md).
 
     d_k = clamp(logprob_k − old_k, −20, 20); keep_k = mask_k & (d_k ≤ log clip_c);
     F_t = Σ_{k≥t} gamma^(k−t) keep_k d_k; f_t = clamp(exp(F_t), 1 if high_only else 1 − clip,

@@ -1,4 +1,4 @@
-"""APPO's branching score (SPEC §2.3): where the policy is both uncertain (high entropy) and
+"""APPO's branching score (docs/ops.md): where the policy is both uncertain (high entropy) and
 about to move (high future value Ω), relative to the rest of its own sequence."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from appo_kernels import _backend
 from appo_kernels.sequence import reference
 from appo_kernels.sequence.scan import _check_tokens
 
-Z_EPS = 1e-6  # SPEC §2.3: z(x) = (x − mean) / (std + 1e-6)
+Z_EPS = 1e-6  # docs/ops.md, sequence ops: z(x) = (x − mean) / (std + 1e-6)
 
 
 class BranchScores(NamedTuple):

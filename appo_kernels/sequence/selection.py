@@ -1,4 +1,5 @@
-"""Choosing where to branch (SPEC §2.3, §3 step 3): `select_branch_points`, and the per-tokenizer
+"""Choosing where to branch (docs/ops.md; docs/algorithm.md): `select_branch_points`, and the
+per-tokenizer
 lookup tables (`vocab_flags`) that keep whitespace-only tokens out of the candidates.
 
 Selection is sorting: candidates are ordered by the composite key (group, tier, −score, packed

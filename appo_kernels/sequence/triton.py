@@ -1,5 +1,5 @@
 """Triton kernel for the segmented reverse discounted scan, fused with what Ω and the future-KL
-factor compute before and after it (SPEC §2.3).
+factor compute before and after it (docs/ops.md, sequence ops).
 
 One program per sequence walks it from the end in chunks of BLOCK tokens. Lane j of a chunk holds
 token hi − 1 − j, so a forward `associative_scan` over lanes is the reverse scan over tokens; it

@@ -1,4 +1,4 @@
-"""`token_stats`: log-prob of the target, exact entropy and logsumexp of every row of logits (SPEC §2.1).
+"""`token_stats`: log-prob of the target, exact entropy and logsumexp of every row of logits (docs/ops.md, token_stats).
 
 One pass over the logits with float32 accumulators relative to the running max. Backends: the
 torch reference (CPU), a Triton kernel and a CUDA kernel, behind one `torch.library` custom op with a

@@ -2,7 +2,7 @@
 
 Accumulates in float64. Sums over the vocabulary are taken with `cumsum`, a sequential scan per
 row, because torch's CPU reductions split a single long row across threads and so would give a row
-a different rounding alone than inside a batch; the scan does not (SPEC §2: batch invariance).
+a different rounding alone than inside a batch; the scan does not (docs/ops.md: batch invariance).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tree attention over packed rollout trees (SPEC §2.5): every shared prefix computed once."""
+"""Tree attention over packed rollout trees (docs/ops.md): every shared prefix computed once."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`TreeLayout`: a forest of tokens packed once, in DFS pre-order (SPEC §2.5).
+"""`TreeLayout`: a forest of tokens packed once, in DFS pre-order (docs/ops.md, tree attention).
 
 Key j is visible to query i iff j is i or an ancestor of i; in DFS pre-order every subtree is the
 contiguous range [j, subtree_end[j]], so visibility is the interval test j ≤ i ≤ subtree_end[j].

@@ -1,4 +1,4 @@
-"""Triton kernels for `tree_attention` (SPEC §2.5): flash attention over the tree's ancestor
+"""Triton kernels for `tree_attention` (docs/ops.md): flash attention over the tree's ancestor
 intervals, so every shared prefix is read once per query tile and never duplicated.
 
 Query tiles never straddle a chain segment (a maximal run with parent[t] = t − 1). Inside a
