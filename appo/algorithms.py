@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from appo._deprecated import renamed
 from appo.config import AlgorithmConfig
 from appo.registry import Registry
 from appo.rollout.base import Sample
@@ -34,7 +35,7 @@ from appo_kernels import (BranchScores, branching_score, discounted_suffix_sum, 
 
 
 @dataclass
-class RolloutSet:
+class PackedRollouts:
     """Samples with their per-token arrays packed (responses only), on one device."""
 
     samples: list[Sample]
@@ -48,7 +49,7 @@ class RolloutSet:
 
     @classmethod
     def of(cls, samples: Sequence[Sample], group: Sequence[int], rewards: Sequence[float],
-           device="cpu", grades: Sequence[Any] = ()) -> "RolloutSet":
+           device="cpu", grades: Sequence[Any] = ()) -> "PackedRollouts":
         lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long)
 
         def flat(field, dtype):
@@ -73,10 +74,10 @@ class RolloutSet:
         return per_sequence.repeat_interleave(self.lengths, output_size=int(self.cu_seqlens[-1]))
 
     @staticmethod
-    def concat(a: "RolloutSet", b: Optional["RolloutSet"]) -> "RolloutSet":
+    def concat(a: "PackedRollouts", b: Optional["PackedRollouts"]) -> "PackedRollouts":
         if b is None:
             return a
-        return RolloutSet(a.samples + b.samples, torch.cat([a.group, b.group]),
+        return PackedRollouts(a.samples + b.samples, torch.cat([a.group, b.group]),
                           torch.cat([a.rewards, b.rewards]), torch.cat([a.ids, b.ids]),
                           torch.cat([a.mask, b.mask]),
                           torch.cat([a.rollout_logprob, b.rollout_logprob]),
@@ -104,9 +105,9 @@ class Branching:
 @dataclass
 class Branched:
     """What `branch` produced: the forks (in the order of `branching`), then any independent
-    fillers, as one RolloutSet (None when there are none)."""
+    fillers, as one PackedRollouts (None when there are none)."""
 
-    branches: Optional[RolloutSet]
+    branches: Optional[PackedRollouts]
     branching: Branching
     scores: Optional[BranchScores] = None  # per token of the initial rollouts, when computed
     metrics: dict = field(default_factory=dict)
@@ -114,7 +115,7 @@ class Branched:
 
 @dataclass
 class Advantages:
-    train: RolloutSet  # the sequences the loss covers
+    train: PackedRollouts  # the sequences the loss covers
     adv_tok: Tensor  # float32 [N of train]
 
 
@@ -124,13 +125,13 @@ class StepContext:
 
     # (parents, positions, prompt groups) -> one rewarded continuation of each parent, forked
     # after that response token
-    fork: Callable[[Sequence[Sample], Sequence[int], Sequence[int]], RolloutSet]
+    fork: Callable[[Sequence[Sample], Sequence[int], Sequence[int]], PackedRollouts]
     # prompt ids of this step (repeats allowed) -> one new rewarded sample each
-    generate: Callable[[Sequence[int]], RolloutSet]
+    generate: Callable[[Sequence[int]], PackedRollouts]
     # rollouts -> their per-token log-prob and entropy under the current policy
-    stats: Callable[[RolloutSet], Any]
+    stats: Callable[[PackedRollouts], Any]
     # rollouts -> bool [N], the tokens a fork may keep
-    eligible: Callable[[RolloutSet], Tensor]
+    eligible: Callable[[PackedRollouts], Tensor]
     generator: torch.Generator  # for the algorithm's own random draws
 
 
@@ -171,20 +172,20 @@ class Algorithm:
     def updates_before_branching(self) -> bool:
         return False
 
-    def initial_advantages(self, init: RolloutSet) -> Tensor:
+    def initial_advantages(self, init: PackedRollouts) -> Tensor:
         """GRPO within each prompt's initial rollouts, per token."""
         return init.per_token(group_advantages(init.rewards, init.group,
                                                normalize_std=self.config.norm_adv_by_std_in_grpo))
 
-    def branch(self, init: RolloutSet, policy, context: StepContext) -> Branched:
+    def branch(self, init: PackedRollouts, policy, context: StepContext) -> Branched:
         """Fork the initial rollouts; `policy` holds the current policy's per-token `logprob`
         and `entropy` of `init`."""
         empty = torch.zeros(0, dtype=torch.long, device=init.ids.device)
         return Branched(None, Branching(empty, empty))
 
-    def advantages(self, init: RolloutSet, branched: Branched) -> Advantages:
+    def advantages(self, init: PackedRollouts, branched: Branched) -> Advantages:
         """GRPO over every sequence of a prompt, each token getting its sequence's advantage."""
-        train = RolloutSet.concat(init, branched.branches)
+        train = PackedRollouts.concat(init, branched.branches)
         return Advantages(train, self.initial_advantages(train))
 
     def adjust(self, adv: Tensor, logprob: Tensor, old_logprob: Tensor, cu_seqlens: Tensor,
@@ -309,7 +310,7 @@ class ARPO(Algorithm):
             rounds.append(context.generate(wanted))
         branches = None
         for part in rounds:
-            branches = part if branches is None else RolloutSet.concat(branches, part)
+            branches = part if branches is None else PackedRollouts.concat(branches, part)
         as_long = dict(dtype=torch.long, device=init.ids.device)
         metrics = {}
         if beta_dh:
@@ -318,7 +319,7 @@ class ARPO(Algorithm):
                               torch.tensor(depths, **as_long), torch.tensor(left, **as_long))
         return Branched(branches, branching, None, metrics)
 
-    def _choose(self, pool: RolloutSet, entropy: Tensor, starts: list[int], left: list[int],
+    def _choose(self, pool: PackedRollouts, entropy: Tensor, starts: list[int], left: list[int],
                 generator: torch.Generator, beta_dh: list[float]) -> list[tuple[int, int]]:
         """(sequence, tool-result end) of the pool to fork, taking every sequence's first
         candidate before any second one; spends `left` per prompt; records β·ΔH."""
@@ -363,7 +364,7 @@ def _model_turns(mask: list, start: int) -> list[list[int]]:
 
 def _mean_std_per_sequence(x: Tensor, mask: Tensor, cu_seqlens: Tensor) -> float:
     """The mean over sequences with a masked token of the population std of x over them."""
-    from appo_kernels.sequence.packing import token_segments
+    from appo_kernels.packing import token_segments
 
     seg = token_segments(cu_seqlens, x.numel())
     n = cu_seqlens.numel() - 1
@@ -375,3 +376,7 @@ def _mean_std_per_sequence(x: Tensor, mask: Tensor, cu_seqlens: Tensor) -> float
     std = (var / count.clamp_min(1)).sqrt()
     has = count > 0
     return float(std[has].mean()) if bool(has.any()) else 0.0
+
+
+# the old name, for one release
+__getattr__ = renamed(__name__, {'RolloutSet': ('PackedRollouts', PackedRollouts)})

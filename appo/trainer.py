@@ -6,7 +6,7 @@ the algorithm does:
 
 What differs between APPO, ARPO and GRPO lives in the algorithm objects (`appo.algorithms`),
 behind the hooks the step calls. Every per-token quantity comes from `appo_kernels`: exact
-entropy and log-probs from one packed tree pass (`appo.packing`), the clipped loss and the KL
+entropy and log-probs from one packed tree pass (`appo.forward`), the clipped loss and the KL
 penalty here; Ω, branching, advantages and future-KL scaling in the algorithms. Around the loop:
 the policy and reference models (`appo.policy`), engines (`appo.rollout.engines`), the tool
 protocol (`appo.rollout.protocol`), the output directory, checkpoints and signals (`appo.run`),
@@ -35,14 +35,14 @@ import numpy as np
 import torch
 
 from appo import algorithms
-from appo.algorithms import RolloutSet, StepContext, masked_mean
+from appo.algorithms import PackedRollouts, StepContext, masked_mean
 from appo.config import Config, dump_yaml
 from appo.evaluate import evaluate, response_text
-from appo.packing import (RolloutStats, by_group, micro_batches, response_token_stats,
+from appo.forward import (RolloutStats, by_group, micro_batches, response_token_stats,
                           rollout_token_stats, token_index)
 from appo.policy import (load_policy, load_reference, wants_warm_start, warm_start_policy,
                          weights_dir)
-from appo.report import ROLLOUTS_FILE, RolloutReport, format_postfix, plot_metrics, progress
+from appo.report import ROLLOUTS_FILE, RolloutsPage, format_postfix, plot_metrics, progress
 from appo.report.loggers import RunLoggers
 from appo.report.steps import (UpdateLog, describe_eval, first_eval, learning_signal,
                                rollout_groups, rollout_metrics)
@@ -117,7 +117,7 @@ class Trainer:
         self.algorithm = algorithms.get_algorithm(cfg.algorithm.adv_estimator, cfg.algorithm,
                                                   cfg.rollout.n, self.vocab_size)
         describe = self.protocol.describe()
-        self.rollout_report = RolloutReport(
+        self.rollout_report = RolloutsPage(
             self.out / ROLLOUTS_FILE, info=f"tool format {describe['name']}: call "
             f"{describe.get('call', '-')}, result {describe.get('result', '-')}")
         if self.run.resume_from is not None:
@@ -270,12 +270,12 @@ class Trainer:
     def _generator(self, step: int, purpose: str) -> torch.Generator:
         return torch.Generator().manual_seed(_seed(self.config.trainer.seed, purpose, step))
 
-    def _rollout_set(self, samples, group, problems) -> RolloutSet:
+    def _rollout_set(self, samples, group, problems) -> PackedRollouts:
         grades = [self.task.grade(response_text(self.protocol, s), problems[g])
                   for s, g in zip(samples, group)]
-        return RolloutSet.of(samples, group, [g.reward for g in grades], self.device, grades)
+        return PackedRollouts.of(samples, group, [g.reward for g in grades], self.device, grades)
 
-    def _eligible(self, init: RolloutSet):
+    def _eligible(self, init: PackedRollouts):
         """Tokens a fork may keep: model tokens that are not whitespace and not a response's
         last token (nothing follows it: a fork there would only repeat the parent)."""
         last = torch.zeros_like(init.mask)
@@ -300,7 +300,7 @@ class Trainer:
                                                                         prompts),
                            self._eligible, self._generator(step, "branch"))
 
-    def _stats(self, model, rollouts: RolloutSet, prompts) -> RolloutStats:
+    def _stats(self, model, rollouts: PackedRollouts, prompts) -> RolloutStats:
         """Per-token log-prob and entropy of `rollouts` under `model`, micro-batched."""
         return rollout_token_stats(
             model, [prompts[g] for g in rollouts.group.tolist()],
@@ -309,14 +309,14 @@ class Trainer:
             temperature=self.config.rollout.temperature, unrolled=self.config.actor.unrolled,
             pad_id=self.pad_id)
 
-    def _forward(self, model, rollouts: RolloutSet, prompts, batch: list[int]):
+    def _forward(self, model, rollouts: PackedRollouts, prompts, batch: list[int]):
         return response_token_stats(
             model, [prompts[int(rollouts.group[i])] for i in batch],
             [rollouts.samples[i].response_ids for i in batch],
             temperature=self.config.rollout.temperature, unrolled=self.config.actor.unrolled,
             pad_id=self.pad_id)
 
-    def _minibatches(self, step: int, train: RolloutSet) -> list[list[list[int]]]:
+    def _minibatches(self, step: int, train: PackedRollouts) -> list[list[list[int]]]:
         """The PPO epochs' mini-batches, in order: each a list of prompt groups (sequence indices
         of `train`), the prompts shuffled anew every epoch."""
         actor = self.config.actor
@@ -329,7 +329,7 @@ class Trainer:
                 plan.append([groups[i] for i in order[start:start + actor.ppo_mini_batch_size]])
         return plan
 
-    def _update(self, plan, train: RolloutSet, prompts, adv_tok, old_logprob, ref_logprob,
+    def _update(self, plan, train: PackedRollouts, prompts, adv_tok, old_logprob, ref_logprob,
                 algo, log: UpdateLog) -> None:
         """One optimizer step per mini-batch of `plan`, each micro-batched by token budget."""
         actor = self.config.actor

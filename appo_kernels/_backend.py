@@ -12,6 +12,8 @@ import contextlib
 import importlib.util
 import os
 
+from typing import Optional
+
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -84,6 +86,14 @@ def select(device: torch.device, *, has_cuda_kernel: bool = True) -> str:
     if forced == "cuda":
         raise RuntimeError(f"APPO_BACKEND=cuda cannot run on a {device.type} tensor")
     return "torch"
+
+
+def family_backend(device: torch.device, dtype: Optional[torch.dtype] = None, *,
+                   has_cuda_kernel: bool = False) -> str:
+    """The backend an op family runs with (the one place this is decided): `select`, except that
+    float64 (gradcheck) always runs the reference, since the kernels accumulate in float32. Each
+    family maps the name to its module: `reference.py` (torch), `triton.py`, `cuda.py`."""
+    return "torch" if dtype == torch.float64 else select(device, has_cuda_kernel=has_cuda_kernel)
 
 
 def backend_info() -> dict:

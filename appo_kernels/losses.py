@@ -15,14 +15,14 @@ import torch
 from torch import Tensor
 
 from appo_kernels._checks import FLOAT_DTYPES, cu_seqlens_arg, tensor_arg
-from appo_kernels.sequence.packing import token_segments
+from appo_kernels.packing import token_segments
+from appo_kernels.scan.reference import LOG_RATIO_CLAMP  # verl's ±20 on log-ratios before exp
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 # TRL's GRPOTrainer loss_type names -> verl's loss_agg_mode names (see `policy_loss`)
 AGG_ALIASES = {"dapo": "token-mean", "grpo": "seq-mean-token-mean",
                "dr_grpo": "seq-mean-token-sum-norm"}
 KL_KINDS = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
-LOG_RATIO_CLAMP = 20.0  # verl clamps log(π/π_old) and log(π_ref/π) to ±20 before exp
 K3_CLAMP = 10.0  # verl clamps the k3 estimate to ±10
 DUAL_CLIP_HITS_ALLOWED = 1  # APPO: a sequence with more dual-clipped tokens than this is dropped
 

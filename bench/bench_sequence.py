@@ -2,7 +2,7 @@
 (bench/README.md).
 
 Providers, in the same run:
-  appo-triton, appo-torch   `appo_kernels.sequence` with APPO_BACKEND forced (triton on GPU only)
+  appo-triton, appo-torch   `appo_kernels.scan` with APPO_BACKEND forced (triton on GPU only)
   matrix                    the reference code's method: for every sequence, build the L×L
                             matrix of gamma^(k−t) (k ≥ t) and multiply it with the sequence
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from appo_kernels import _backend
-from appo_kernels.sequence import future_kl_scale, future_value
+from appo_kernels.scan import future_kl_scale, future_value
 
 ON_CUDA = torch.cuda.is_available()
 # bench/README.md: 768 sequences × 6144 tokens on a GPU; a smoke test on the CPU.

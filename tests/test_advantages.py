@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from appo_kernels import _backend
-from appo_kernels.sequence.advantages import group_advantages, procedure_advantages
+from appo_kernels.advantages import group_advantages, procedure_advantages
 
 from conftest import ON_GPU
 from packed import cu_seqlens_of, random_lengths, spans

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from appo.algorithms import (RolloutSet, StepContext, algorithm_names, get_algorithm,
+from appo.algorithms import (PackedRollouts, StepContext, algorithm_names, get_algorithm,
                              register_algorithm)
 from appo.config import AlgorithmConfig, Config, from_dict
 from appo.rollout.base import Sample
@@ -25,7 +25,7 @@ def sample(mask, prompt_index=0):
 
 
 def rollout_set(masks, groups, rewards):
-    return RolloutSet.of([sample(m, g) for m, g in zip(masks, groups)], groups, rewards)
+    return PackedRollouts.of([sample(m, g) for m, g in zip(masks, groups)], groups, rewards)
 
 
 def grpo_reference(rewards, groups, eps=1e-6):
@@ -54,7 +54,7 @@ class FakeContext:
                           response_logprobs=p.response_logprobs[:e + 1] + [-0.5])
                    for p, e in zip(parents, positions)]
         rewards = [self.rewards.pop(0) if self.rewards else 0.0 for _ in samples]
-        return RolloutSet.of(samples, groups, rewards)
+        return PackedRollouts.of(samples, groups, rewards)
 
     def generate(self, wanted):
         self.generated.append(list(wanted))
@@ -318,7 +318,7 @@ def test_arpo_forks_branch_again_up_to_the_depth_limit():
                               response_mask=p.response_mask[:e + 1] + [1, 1, 0, 0, 1, 1],
                               response_logprobs=p.response_logprobs[:e + 1] + [-0.1] * 6)
                        for p, e in zip(parents, positions)]
-            return RolloutSet.of(samples, groups, [0.0] * len(samples))
+            return PackedRollouts.of(samples, groups, [0.0] * len(samples))
 
     for depth, expected in [(1, [(0, 3, 1), (0, 7, 1)]),
                             (2, [(0, 3, 1), (0, 7, 1), (1, 7, 2), (2, 11, 2)])]:

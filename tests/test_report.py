@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from appo.report import (MetricsLog, RolloutReport, format_postfix, plot_metrics, progress,
+from appo.report import (MetricsLog, RolloutsPage, format_postfix, plot_metrics, progress,
                          read_metrics)
 from appo.report._atomic import atomic_open
 
@@ -145,7 +145,7 @@ class _TagBalance(HTMLParser):
 
 
 def _page(tmp_path, steps, **kwargs):
-    report = RolloutReport(tmp_path / "rollouts.html", **kwargs)
+    report = RolloutsPage(tmp_path / "rollouts.html", **kwargs)
     for step in steps:
         report.add_step(step, _groups(step))
     return (tmp_path / "rollouts.html").read_text(encoding="utf-8")
@@ -187,7 +187,7 @@ def test_page_keeps_last_steps_and_the_first(tmp_path):
 
 
 def test_page_after_resume_drops_later_steps(tmp_path):
-    report = RolloutReport(tmp_path / "rollouts.html", keep_steps=5, keep_first=False)
+    report = RolloutsPage(tmp_path / "rollouts.html", keep_steps=5, keep_first=False)
     for step in (1, 2, 3, 2):
         report.add_step(step, _groups(step))
     page = (tmp_path / "rollouts.html").read_text()
@@ -205,7 +205,7 @@ def test_bad_groups_name_the_field(tmp_path, edit, message):
     groups = _groups(0)
     edit(groups)
     with pytest.raises(ValueError, match=message):
-        RolloutReport(tmp_path / "rollouts.html").add_step(0, groups)
+        RolloutsPage(tmp_path / "rollouts.html").add_step(0, groups)
     assert not (tmp_path / "rollouts.html").exists()
 
 
@@ -237,7 +237,7 @@ def test_format_postfix_is_short_and_skips_missing():
 
 
 def test_page_shows_reasons_finish_marks_and_the_run_info(tmp_path):
-    report = RolloutReport(tmp_path / "rollouts.html", info="tool format chat: <tool_call>")
+    report = RolloutsPage(tmp_path / "rollouts.html", info="tool format chat: <tool_call>")
     groups = _groups(1)
     groups[0]["rollouts"][0].update(reason="wrong answer", detail="answered '8'",
                                     finish="cut at the length limit")

@@ -8,7 +8,6 @@ available): then they fail.
 """
 
 import os
-import signal
 import socket
 import threading
 import time

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from appo_kernels.sequence.selection import VocabFlags, select_branch_points, vocab_flags
+from appo_kernels.selection import select_branch_points
+from appo_kernels.vocab import VocabFlags, vocab_flags
 
 from packed import cu_seqlens_of, random_lengths, spans
 

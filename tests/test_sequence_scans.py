@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from appo_kernels import _backend
-from appo_kernels.sequence import (branching_score, discounted_suffix_sum, future_kl_scale,
-                                   future_value, pack, unpack)
+from appo_kernels.packing import pack, unpack
+from appo_kernels.scan import (branching_score, discounted_suffix_sum, future_kl_scale,
+                               future_value)
 from packed import cu_seqlens_of, spans
 
 GAMMAS = [0.0, 1.0, 2 ** (-1 / 64), 0.5]

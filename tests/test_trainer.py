@@ -1,4 +1,4 @@
-"""The training loop (appo/trainer.py) and the packed training pass (appo/packing.py) on the
+"""The training loop (appo/trainer.py) and the packed training pass (appo/forward.py) on the
 embedded tiny model: every algorithm runs, tree and unrolled passes agree, resume repeats the
 next step exactly, a run leaves its files, Ctrl-C saves, and the reward rises."""
 
@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 from appo import models  # noqa: E402
 from appo.config import Config, apply_overrides  # noqa: E402
-from appo.packing import micro_batches, response_token_stats, tree_size  # noqa: E402
+from appo.forward import micro_batches, response_token_stats, tree_size  # noqa: E402
 from appo.tasks import Problem, Task, register_task  # noqa: E402
 from appo.trainer import Trainer  # noqa: E402
 

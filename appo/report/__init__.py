@@ -5,7 +5,7 @@ rollout page, and the progress bar. Pure Python + numpy + matplotlib (Agg) + tqd
     log = MetricsLog(out_dir / METRICS_FILE)      # one JSON object per line, each with "step"
     log.log({"step": 3, "reward_mean": 0.4, ...})
     plot_metrics(log.records(), out_dir)          # reward.png, accuracy.png, entropy.png, kl.png
-    report = RolloutReport(out_dir / ROLLOUTS_FILE, keep_steps=5)
+    report = RolloutsPage(out_dir / ROLLOUTS_FILE, keep_steps=5)
     report.add_step(3, groups)                    # rewrites rollouts.html
     bar = progress(total_steps, initial=start, desc="appo", enabled=True)
     bar.set_postfix(format_postfix(metrics)); bar.update()
@@ -18,10 +18,16 @@ Every file is replaced atomically (a temporary file beside it, then a rename), s
 either the old or the new version, never half of one; the metrics log is appended line by line.
 """
 
+from appo._deprecated import renamed
+
 from .metrics import METRICS_FILE, MetricsLog, read_metrics
 from .plots import PLOTS, plot_metrics
 from .progress import format_postfix, progress
-from .rollouts import ROLLOUTS_FILE, RolloutReport
+from .rollouts import ROLLOUTS_FILE, RolloutsPage
 
 __all__ = ["METRICS_FILE", "MetricsLog", "read_metrics", "PLOTS", "plot_metrics", "progress",
-           "format_postfix", "ROLLOUTS_FILE", "RolloutReport"]
+           "format_postfix", "ROLLOUTS_FILE", "RolloutsPage"]
+
+
+# the old name, for one release
+__getattr__ = renamed(__name__, {'RolloutReport': ('RolloutsPage', RolloutsPage)})

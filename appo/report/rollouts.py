@@ -63,7 +63,7 @@ ol.branches li{margin:.35em 0;padding-left:.6em;border-left:2px dotted #aaa}
 """
 
 
-class RolloutReport:
+class RolloutsPage:
     """Writes `path` (an .html file) from the rollout groups of recent steps.
 
     `add_step(step, groups)` takes one entry per prompt:

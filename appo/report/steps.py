@@ -1,6 +1,6 @@
 """What the trainer reports about one step's rollouts: its metrics, the groups that
 `rollouts.html` shows, and a plain account of what the rewards had in common when a step has no
-learning signal. Takes the step's `RolloutSet`s (appo.algorithms)."""
+learning signal. Takes the step's `PackedRollouts`s (appo.algorithms)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ FINISH_MARKS = {"length": "cut at the length limit", "tool_limit": "stopped at t
 
 def rollout_groups(decode: Callable[[list[int]], str], problems: Sequence, prompts: Sequence,
                    init, branched, entropy, k: int) -> list[dict]:
-    """The `RolloutReport.add_step` groups of the first `k` prompts of a step: `init` the
+    """The `RolloutsPage.add_step` groups of the first `k` prompts of a step: `init` the
     initial rollouts, `branched` what the algorithm forked (`appo.algorithms.Branched`; forks of
     forks are not shown), `entropy` per token of `init`; `decode(ids)` gives the text of token
     ids (the prompt as the model sees it: chat template, system prompt)."""

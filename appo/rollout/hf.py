@@ -56,7 +56,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .base import Sample, SamplingParams, weights_of
 from .protocol import AUTO, ToolProtocol
-from .toolloop import (DEFAULT_TOOL_TIMEOUT_S, Rollout, ToolLoop, Tools, call_seed, check_n,
+from .toolloop import (DEFAULT_TOOL_TIMEOUT_S, LiveSample, ToolLoop, Tools, call_seed, check_n,
                        copy_sample, stop_ids_of, stream_seed)
 
 # re-pack the batch cache when its width reaches RATIO x the longest row's real tokens + MIN_HOLES:
@@ -80,7 +80,7 @@ class _PrefixKV:
 
 
 @dataclass
-class _Row(Rollout):
+class _Row(LiveSample):
     pending: list[int] = field(default_factory=list)  # tokens decided, not yet fed to the model
     fed: int = 0  # real tokens in the cache = position id of the next token fed
     sampled_pending: bool = False  # pending[0] is the token just sampled (a decode, not a prefill)

@@ -1,8 +1,8 @@
 """The tool loop every engine runs (docs/algorithm.md): stop rules, tool calls, fork starts, seeds.
 
 An engine samples model tokens; whenever it has appended some to a sample (and to the sample's
-`Rollout.segment`) it hands the sample to `ToolLoop.decide`, which applies these rules to the last
-response token, in this order:
+`LiveSample.segment`) it hands the sample to `ToolLoop.decide`, which applies these rules to the
+last response token, in this order:
 
 - EOS (any of the stop ids) or a text ending in `</answer>` finishes with "stop".
 - A completed call (in the protocol's format, `appo.rollout.protocol`: `<name>args</name>` for a
@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from appo._deprecated import renamed
 
 from .base import Sample, SamplingParams
 from .protocol import AUTO, ToolCall, ToolProtocol, make_protocol
@@ -114,7 +116,7 @@ def check_n(n: int) -> None:
 
 
 @dataclass
-class Rollout:
+class LiveSample:
     """One sample while an engine generates it: what the tool loop needs to know."""
 
     sample: Sample
@@ -127,7 +129,7 @@ class Rollout:
         self.finished = True
 
     @classmethod
-    def start_fork(cls, parent: Sample, s: int, p: int, **fields) -> "Rollout":
+    def start_fork(cls, parent: Sample, s: int, p: int, **fields) -> "LiveSample":
         """The start of a fork of `parent` (fork input s) at response position p, token p kept."""
         mask = parent.response_mask[:p + 1]
         last_tool = max((i for i, m in enumerate(mask) if m == 0), default=-1)
@@ -199,7 +201,7 @@ class ToolLoop:
 
     # ---- the rules
 
-    def after_token(self, row: Rollout, sampling: SamplingParams,
+    def after_token(self, row: LiveSample, sampling: SamplingParams,
                     tools: Tools) -> Optional[ToolCall]:
         """Apply the stop rules to the row's last response token (already in `row.segment` if the
         model wrote it); the tool call to run, if any."""
@@ -225,7 +227,7 @@ class ToolLoop:
             row.finish("length")
         return None
 
-    def append_tool_result(self, row: Rollout, result: str, sampling: SamplingParams) -> list[int]:
+    def append_tool_result(self, row: LiveSample, result: str, sampling: SamplingParams) -> list[int]:
         """Append the result as tool tokens (cut at max_response_len); the ids appended."""
         s = row.sample
         ids = self.protocol.result_ids(result)[:sampling.max_response_len - len(s.response_ids)]
@@ -238,8 +240,8 @@ class ToolLoop:
             row.finish("length")
         return ids
 
-    def decide(self, rows: Sequence[Rollout], sampling: SamplingParams,
-               tools: Tools) -> list[tuple[Rollout, list[int]]]:
+    def decide(self, rows: Sequence[LiveSample], sampling: SamplingParams,
+               tools: Tools) -> list[tuple[LiveSample, list[int]]]:
         """Stop rules and tool calls for rows whose last token was just decided; the rows that
         got a tool result, with its token ids."""
         calls = []
@@ -258,3 +260,7 @@ class ToolLoop:
 def _fixed(text: str) -> Callable[[str], str]:
     """A stand-in tool for a malformed call: its result is the error text."""
     return lambda _arguments: text
+
+
+# the old name, for one release
+__getattr__ = renamed(__name__, {'Rollout': ('LiveSample', LiveSample)})

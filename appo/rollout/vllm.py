@@ -55,7 +55,7 @@ import torch
 
 from .base import Sample, SamplingParams, weights_of
 from .protocol import AUTO, ToolProtocol
-from .toolloop import (DEFAULT_TOOL_TIMEOUT_S, Rollout, ToolLoop, Tools, call_seed, check_n,
+from .toolloop import (DEFAULT_TOOL_TIMEOUT_S, LiveSample, ToolLoop, Tools, call_seed, check_n,
                        copy_sample, stop_ids_of, stream_seed)
 
 LOGPROBS_MODE = "processed_logprobs"  # log-probs of the distribution sampled from (temperature in)
@@ -64,7 +64,7 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclass
-class _Request(Rollout):
+class _Request(LiveSample):
     turn: int = 0  # requests submitted for this sample so far (names its random stream)
 
 

@@ -15,7 +15,6 @@ from torch import Tensor
 from appo_kernels import _backend
 from appo_kernels._checks import (FLOAT32_MAX, FLOAT32_TINY, FLOAT_DTYPES, INDEX_DTYPES,
                                   float_arg, tensor_arg)
-from appo_kernels.token_stats import reference
 
 EXTRAS = ("varentropy", "top2_margin")
 
@@ -28,21 +27,15 @@ class TokenStats(NamedTuple):
     top2_margin: Optional[Tensor] = None
 
 
-def _impl(backend: str):
+def _impl(logits: Tensor):
+    backend = _backend.family_backend(logits.device, logits.dtype, has_cuda_kernel=True)
     if backend == "triton":
         from appo_kernels.token_stats import triton as impl
     elif backend == "cuda":
         from appo_kernels.token_stats import cuda as impl
     else:
-        impl = reference
+        from appo_kernels.token_stats import reference as impl
     return impl
-
-
-def _backend_for(logits: Tensor) -> str:
-    # float64 is for gradcheck: the kernels accumulate in float32, so it always runs the reference.
-    if logits.dtype == torch.float64:
-        return "torch"
-    return _backend.select(logits.device)
 
 
 @torch.library.custom_op("appo::token_stats", mutates_args=())
@@ -54,7 +47,7 @@ def _token_stats_op(
     want_varentropy: bool,
     want_top2: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = _impl(_backend_for(logits))
+    impl = _impl(logits)
     return impl.forward(logits, target, mask, inv_temperature, want_varentropy, want_top2)
 
 
@@ -83,7 +76,7 @@ def _token_stats_backward_op(
     g_lse: Optional[Tensor],
     inv_temperature: float,
 ) -> Tensor:
-    impl = _impl(_backend_for(logits))
+    impl = _impl(logits)
     return impl.backward(logits, target, mask, row_max, log_norm, entropy,
                          g_logprob, g_entropy, g_lse, inv_temperature)
 

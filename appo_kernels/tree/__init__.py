@@ -10,9 +10,9 @@ from torch import Tensor
 
 from appo_kernels import _backend
 from appo_kernels._checks import float_arg, tensor_arg
-from appo_kernels.tree import reference
 from appo_kernels.tree.flex import flex_tree_attention
 from appo_kernels.tree.layout import TreeLayout
+from appo_kernels.tree.stats import tree_token_stats  # noqa: F401 (public)
 
 ATTN_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -23,14 +23,13 @@ def _impl(backend: str):
     """The module of `backend`: forward, backward and metadata(layout) (cached in layout.cache)."""
     if backend == "triton":
         from appo_kernels.tree import triton as impl
-
-        return impl
-    return reference
+    else:
+        from appo_kernels.tree import reference as impl
+    return impl
 
 
 def _select_backend(dtype: Optional[torch.dtype], device: torch.device) -> str:
-    # float64 (gradcheck) always runs the reference
-    return "torch" if dtype == torch.float64 else _backend.select(device, has_cuda_kernel=False)
+    return _backend.family_backend(device, dtype)
 
 
 @torch.library.custom_op("appo::tree_attention", mutates_args=())

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from appo_kernels._backend import new_output
-from appo_kernels.sequence.reference import (FUTURE_KL, FUTURE_VALUE, LOG_RATIO_CLAMP,
+from appo_kernels.scan.reference import (FUTURE_KL, FUTURE_VALUE, LOG_RATIO_CLAMP,
                                              SAFETY_CLAMP, SUM)
 
 BLOCK_TOKENS = 1024

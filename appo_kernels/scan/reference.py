@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from appo_kernels.sequence.packing import token_segments
+from appo_kernels.packing import token_segments
 
 # modes of the fused scan (docs/ops.md, sequence ops)
 SUM, FUTURE_VALUE, FUTURE_KL = 0, 1, 2
@@ -38,7 +38,7 @@ def suffix_scan(values: Tensor, cu_seqlens: Tensor, gamma: float) -> Tensor:
 
 
 def scan_op(x, old, mask, adv, cu_seqlens, mode, gamma, lo, hi, log_clip_c, log_safety):
-    """The fused op of `appo_kernels.sequence.scan` in float64; returns float32 `[N]`."""
+    """The fused op of `appo_kernels.scan` in float64; returns float32 `[N]`."""
     x64 = x.double()
     keep = torch.ones_like(x64, dtype=torch.bool) if mask is None else mask
     if mode == SUM:
