@@ -104,6 +104,15 @@ def float_arg(name: str, value, *, low: Optional[float] = None, high: Optional[f
     return value
 
 
+def int_arg(name: str, value, *, low: Optional[int] = None) -> int:
+    """`value` as an int: TypeError unless a Python int (not a bool), ValueError below `low`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__} {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
 def bool_arg(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")

@@ -9,14 +9,13 @@ suffix scan (`discounted_suffix_sum` with gamma = 1): O(S) and O(N + branches), 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from appo_kernels._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_values, cu_seqlens_arg,
-                                  tensor_arg)
+                                  float_arg, int_arg, tensor_arg)
 from appo_kernels._groups import dense_group_ids
 from appo_kernels.packing import token_segments
 from appo_kernels.scan import discounted_suffix_sum
@@ -42,9 +41,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = GROUP_E
     """
     tensor_arg("rewards", rewards, dtypes=FLOAT_DTYPES, ndim=1)
     tensor_arg("group_ids", group_ids, dtypes=INDEX_DTYPES, shape=rewards.shape, like=rewards)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-            math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+    float_arg("eps", eps, low=0.0, low_open=True)
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.double()
     group = dense_group_ids(group_ids)
@@ -69,8 +66,8 @@ def _check_branches(seq_adv, cu_seqlens, branch_parent, branch_position, branch_
                          f"sequences of seq_adv, got {cu_seqlens.shape[0]}")
     if n_tokens is None:
         n_tokens = int(cu_seqlens[-1])  # host sync: the output size
-    elif isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
-        raise ValueError(f"n_tokens must be an int >= 0 or None, got {n_tokens!r}")
+    else:
+        int_arg("n_tokens", n_tokens, low=0)
     cu_seqlens_arg(cu_seqlens, n_tokens, like=seq_adv, validate=validate)
     tensor_arg("branch_parent", branch_parent, dtypes=INDEX_DTYPES, ndim=1, like=seq_adv)
     tensor_arg("branch_position", branch_position, dtypes=INDEX_DTYPES,

@@ -8,13 +8,12 @@ torch.compile). The per-token formulas follow verl's `compute_policy_loss` and `
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from appo_kernels._checks import FLOAT_DTYPES, cu_seqlens_arg, tensor_arg
+from appo_kernels._checks import FLOAT_DTYPES, cu_seqlens_arg, float_arg, tensor_arg
 from appo_kernels.packing import token_segments
 from appo_kernels.scan.reference import LOG_RATIO_CLAMP  # verl's ±20 on log-ratios before exp
 
@@ -32,28 +31,18 @@ def _result_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _check_float(name: str, value, *, low: float = -math.inf, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if value < low or (low_open and value == low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    return float(value)
-
-
 def _check_policy_args(logprob, old_logprob, adv_tok, mask, clip_low, clip_high, clip_c, agg,
                        seq_filter, cu_seqlens, loss_scale_factor, validate) -> tuple[str, int]:
     tensor_arg("logprob", logprob, dtypes=FLOAT_DTYPES, ndim=1)
     for name, t in (("old_logprob", old_logprob), ("adv_tok", adv_tok)):
         tensor_arg(name, t, dtypes=FLOAT_DTYPES, shape=logprob.shape, like=logprob)
     tensor_arg("mask", mask, dtypes=(torch.bool,), shape=logprob.shape, like=logprob)
-    _check_float("clip_low", clip_low, low=0.0)
+    float_arg("clip_low", clip_low, low=0.0)
     if clip_low >= 1:
         raise ValueError(f"clip_low must be < 1 (the ratio is clipped at 1 − clip_low), "
                          f"got {clip_low}")
-    _check_float("clip_high", clip_high, low=0.0)
-    _check_float("clip_c", clip_c, low=1.0, low_open=True)  # verl: dual clip needs c > 1
+    float_arg("clip_high", clip_high, low=0.0)
+    float_arg("clip_c", clip_c, low=1.0, low_open=True)  # verl: dual clip needs c > 1
     if not isinstance(agg, str) or AGG_ALIASES.get(agg, agg) not in AGG_MODES:
         raise ValueError(f"agg must be one of {AGG_MODES} or a TRL alias {tuple(AGG_ALIASES)}, "
                          f"got {agg!r}")
@@ -61,7 +50,7 @@ def _check_policy_args(logprob, old_logprob, adv_tok, mask, clip_low, clip_high,
     if not isinstance(seq_filter, bool):
         raise TypeError(f"seq_filter must be a bool, got {type(seq_filter).__name__}")
     if loss_scale_factor is not None:
-        _check_float("loss_scale_factor", loss_scale_factor, low=0.0, low_open=True)
+        float_arg("loss_scale_factor", loss_scale_factor, low=0.0, low_open=True)
     if cu_seqlens is None:
         needs = [why for why, used in (("seq_filter=True", seq_filter),
                                        (f"agg={agg!r}", mode != "token-mean")) if used]

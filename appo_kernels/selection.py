@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from appo_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, cu_seqlens_arg, tensor_arg
+from appo_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, cu_seqlens_arg, int_arg, tensor_arg
 from appo_kernels._groups import dense_group_ids
 from appo_kernels.packing import token_segments
 
@@ -31,10 +31,7 @@ def _check_selection_args(score, strict, eligible, cu_seqlens, seq_group, budget
         raise ValueError(f"per must be one of {PER_MODES}, got {per!r}")
     tensor_arg("seq_group", seq_group, dtypes=INDEX_DTYPES, shape=(n_seqs,), like=score,
                optional=per == "sequence")
-    if isinstance(budget, bool) or not isinstance(budget, int):
-        raise TypeError(f"budget must be a Python int, got {type(budget).__name__}")
-    if budget < 0:
-        raise ValueError(f"budget must be >= 0, got {budget}")
+    int_arg("budget", budget, low=0)
     return n_seqs
 
 

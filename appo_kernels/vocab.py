@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from appo_kernels._checks import int_arg
+
 
 class VocabFlags(NamedTuple):
     is_whitespace: Tensor  # bool [V]: the token's text is non-empty and all whitespace
@@ -123,8 +125,7 @@ def vocab_flags(tokenizer, *, vocab_size: Optional[int] = None, device=None) -> 
                         f"{type(tokenizer).__name__}")
     known = _tokenizer_size(tokenizer)
     size = known if vocab_size is None else vocab_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"vocab_size must be an int >= 0, got {vocab_size!r}")
+    int_arg("vocab_size", size, low=0)
     texts = _token_texts(tokenizer, min(size, known))
     is_whitespace = torch.zeros(size, dtype=torch.bool)
     is_punct = torch.zeros(size, dtype=torch.bool)

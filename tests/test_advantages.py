@@ -198,7 +198,7 @@ BAD = [
      lambda: group_advantages(torch.randn(2), torch.tensor([0, 0, 1]))),
     ("group_ids must have dtype int32 or int64", TypeError,
      lambda: group_advantages(torch.randn(2), torch.tensor([0.0, 1.0]))),
-    ("eps must be a finite float > 0", ValueError,
+    ("eps must be > 0.0", ValueError,
      lambda: group_advantages(torch.randn(2), torch.tensor([0, 0]), eps=0.0)),
 ]
 

@@ -244,7 +244,7 @@ def test_vocab_flags_pads_to_the_model_vocabulary():
 def test_vocab_flags_bad_tokenizer():
     with pytest.raises(TypeError, match="tokenizer must have a decode"):
         vocab_flags(object())
-    with pytest.raises(ValueError, match="vocab_size must be an int >= 0"):
+    with pytest.raises(ValueError, match="vocab_size must be >= 0"):
         vocab_flags(DecodeOnlyTokenizer(), vocab_size=-1)
 
 

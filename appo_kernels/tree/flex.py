@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from appo_kernels._checks import int_arg
+
 
 def block_mask_from_layout(layout, block_size: int = 128):
     from torch.nn.attention.flex_attention import BlockMask
 
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    int_arg("block_size", block_size, low=1)
     n = layout.n_tokens
     dev = layout.device
     end = layout.subtree_end
