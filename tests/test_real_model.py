@@ -9,6 +9,7 @@ APPO_REQUIRE_REAL_MODEL=1 turns a missing package into a failure instead of a sk
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,12 +53,13 @@ def appo_train(*args, timeout=900):
 
 def test_smollm2_trains_from_its_gguf_file_and_resumes(gguf, tmp_path, capsys):
     out = tmp_path / "run"
-    # 4 prompts x (4 rollouts + 2 branches), 64 tokens each, one PPO mini-batch a step
+    # 4 prompts x (4 rollouts + 2 branches), 64 tokens each, two PPO mini-batches a step: APPO in
+    # the paper's order (update on the first, score and branch with the updated policy)
     flags = ["--model", str(gguf), "--task", "jsonl", "--out", str(out),
              f"data.task_options={{path: {PROBLEMS}, reward_fn: numeric, tools: [calculator]}}",
              "data.train_batch_size=4", "actor_rollout_ref.rollout.n=4", "algorithm.branch_budget=2",
              "data.max_response_length=64", "data.val_size=4", "trainer.test_freq=0",
-             "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+             "actor_rollout_ref.actor.ppo_mini_batch_size=2",
              "actor_rollout_ref.actor.optim.lr=1e-6", "actor_rollout_ref.actor.kl_loss_coef=0.001"]
     first, first_s = appo_train(*flags, "--steps", "1")
     assert (out / "checkpoints" / "step_000001" / "model" / "model.safetensors").exists()
@@ -69,6 +71,7 @@ def test_smollm2_trains_from_its_gguf_file_and_resumes(gguf, tmp_path, capsys):
     # a learning signal: some group's rewards differ, so the policy loss is not zero
     assert any(r["zero_variance_groups"] < 4 and r["loss"] != 0 for r in steps), steps
     assert all(r["rollout_logprob_gap"] < 1e-3 for r in steps)
+    assert all(math.isfinite(r["omega_log_std"]) for r in steps)  # scored after the update
     assert "tool_format: chat" in (out / "config.yaml").read_text()
     html = (out / "rollouts.html").read_text()
     assert "&lt;|im_start|&gt;system" in html and "&lt;answer&gt;answer&lt;/answer&gt;" in html
