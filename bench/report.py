@@ -3,6 +3,7 @@
     pytest bench/ --benchmark-json=run.json
     python bench/report.py run.json              # writes bench/results/<device>.json, prints the table
     python bench/report.py run.json --no-write   # only prints
+    python bench/report.py out/bench.jsonl       # the rows bench/run_gpu.sh streams, one per line
 
 Rows come from each benchmark's `extra_info` (filled by `bench/conftest.py::measure`). Rows already
 in the results file for other (op, provider, shape, dtype, mode) are kept, so bench files can be
@@ -53,18 +54,27 @@ def rows_from_run(run: dict) -> list[dict]:
             "pct_copy_bw": info["pct_copy_bw"],
             "copy_gbps": info["copy_gbps"],
             "bytes": info["bytes"],
-            "wall_median_ms": bench["stats"]["median"] * 1e3,
+            "wall_median_ms": (bench["stats"]["median"] * 1e3
+                               if bench["stats"].get("median") is not None else None),
             "rounds": info.get("rounds"),
             "timer": info.get("timer"),
             "computes": info.get("computes"),
-            "date": run.get("datetime"),
-            "commit": commit,
+            "date": bench.get("datetime", run.get("datetime")),
+            "commit": bench.get("commit", commit),
         })
         row.update({k: info[k] for k in OPTIONAL if info.get(k) is not None})
         if info.get("note"):
             row["note"] = info["note"]
         rows.append(row)
     return rows
+
+
+def load_run(path: Path) -> dict:
+    """A pytest-benchmark JSON, or the JSON lines `conftest.py` streams (`$APPO_BENCH_STREAM`)."""
+    if path.suffix == ".jsonl":
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        return {"benchmarks": [json.loads(line) for line in lines]}
+    return json.loads(path.read_text())
 
 
 def add_peer_ratios(rows: list[dict]) -> None:
@@ -123,14 +133,15 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, help="output of pytest --benchmark-json")
+    parser.add_argument("json", type=Path,
+                        help="output of pytest --benchmark-json, or a .jsonl stream")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     if not args.json.is_file():
         parser.error(f"{args.json} does not exist (pytest writes no JSON with --benchmark-disable)")
 
-    run = json.loads(args.json.read_text())
+    run = load_run(args.json)
     rows = rows_from_run(run)
     if not rows:
         print(f"{args.json}: no benchmark rows (was it run with --benchmark-disable?)",
