@@ -53,12 +53,13 @@ def test_a_phase_past_its_limit_is_stopped_and_recorded(tmp_path):
     assert "== slow:" in (tmp_path / "slow.log").read_text()
 
 
-def test_streamed_rows_reach_the_results_file(tmp_path):
+def test_streamed_rows_reach_the_results_file(tmp_path, monkeypatch):
     """The sequence bench on the CPU, timed (a few rounds): each bench streams its row, and the
     report merges the stream into results-<device>.json and table.md under $OUT."""
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PHASES": "sequence",
-           "APPO_BENCH_RESULTS": str(tmp_path / "results"), "APPO_BACKEND": ""}
+    monkeypatch.setenv("APPO_BENCH_RESULTS", str(tmp_path / "results"))  # not bench/results
+    monkeypatch.delenv("APPO_BACKEND", raising=False)
+    env = dict(os.environ)
     phase = phases.Phase("sequence", "cpu", [sys.executable, "-m", "pytest",
                          "bench/bench_sequence.py", "-q", "-p", "no:cacheprovider",
                          "--benchmark-max-time=0.01", "--benchmark-min-rounds=2"],
@@ -75,4 +76,5 @@ def test_streamed_rows_reach_the_results_file(tmp_path):
     assert len(results) == 1
     merged = json.loads(results[0].read_text())
     assert len(merged) == len(rows) == 4
+    assert [p.name for p in (tmp_path / "results").iterdir()] == [results[0].name]
     assert "| future_value | appo-torch |" in (out / "table.md").read_text()
