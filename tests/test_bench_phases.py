@@ -76,5 +76,5 @@ def test_streamed_rows_reach_the_results_file(tmp_path, monkeypatch):
     assert len(results) == 1
     merged = json.loads(results[0].read_text())
     assert len(merged) == len(rows) == 4
-    assert [p.name for p in (tmp_path / "results").iterdir()] == [results[0].name]
+    assert [p.name for p in (tmp_path / "results").iterdir()] == [results[0].name[len("results-"):]]
     assert "| future_value | appo-torch |" in (out / "table.md").read_text()
