@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 from typing import Callable, NamedTuple, Optional
 
 import pytest
@@ -26,9 +27,15 @@ from appo_kernels import _backend, token_stats
 
 ON_CUDA = torch.cuda.is_available()
 # bench/README.md shapes on a GPU; a smoke test on the CPU (`pytest bench/ --benchmark-disable`).
-TOKENS = 8192 if ON_CUDA else 64
-VOCABS = (32000, 128256, 151936, 262144) if ON_CUDA else (1000, 32000)
-DTYPES = (torch.bfloat16, torch.float32) if ON_CUDA else (torch.float32,)
+# APPO_BENCH_CPU_SHAPES=1: the CPU ratios of bench/README.md (one thread: OMP_NUM_THREADS=1).
+CPU_RATIOS = os.environ.get("APPO_BENCH_CPU_SHAPES", "0") not in ("", "0")
+if ON_CUDA:
+    WORKLOADS = [(8192, v, d) for v in (32000, 128256, 151936, 262144)
+                 for d in (torch.bfloat16, torch.float32)]
+elif CPU_RATIOS:
+    WORKLOADS = [(512, 32000, torch.float32), (256, 151936, torch.bfloat16)]
+else:
+    WORKLOADS = [(64, v, torch.float32) for v in (1000, 32000)]
 MODES = ("fwd", "fwd_bwd")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -273,12 +280,13 @@ def _checked_step(provider: Provider, impl: Impl, device: torch.device, tokens: 
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_NAMES[d])
-@pytest.mark.parametrize("vocab", VOCABS, ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("workload", WORKLOADS,
+                         ids=lambda w: f"T{w[0]}-V{w[1]}-{DTYPE_NAMES[w[2]]}")
 @pytest.mark.parametrize("provider", PROVIDERS, ids=lambda p: p.name)
 def test_token_stats(benchmark, measure, require_memory, bench_device, monkeypatch,
-                     provider, vocab, dtype, mode):
-    device, tokens, dtype_name = bench_device, TOKENS, DTYPE_NAMES[dtype]
+                     provider, workload, mode):
+    tokens, vocab, dtype = workload
+    device, dtype_name = bench_device, DTYPE_NAMES[dtype]
     reason = provider.unavailable(device)
     if reason:
         pytest.skip(f"{provider.name}: {reason}")

@@ -229,6 +229,44 @@ def test_batch_invariance(backend, device, dtype):
         assert torch.equal(value[[9, 5, 0]], getattr(picked, name)), f"{name} differs in a batch"
 
 
+@pytest.mark.parametrize("vocab", [40000, 151936])
+def test_batch_invariance_of_long_rows_on_several_threads(vocab):
+    """torch splits the reduction of a lone long row across threads (and rounds it differently
+    than inside a batch); the CPU path never reduces a lone row, so nothing changes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = random_logits((5, vocab), torch.float32, "cpu")
+        t = torch.randint(0, vocab, (5,))
+        full = token_stats(x, t, extras=("varentropy",))
+        alone = token_stats(x[3:4], t[3:4], extras=("varentropy",))
+        odd = token_stats(x[[1, 3, 4]], t[[1, 3, 4]], extras=("varentropy",))
+        for name in ("logprob", "entropy", "lse", "varentropy"):
+            value = getattr(full, name)
+            assert torch.equal(value[3:4], getattr(alone, name)), f"{name} differs alone"
+            assert torch.equal(value[[1, 3, 4]], getattr(odd, name)), f"{name} differs in a batch"
+        grad_full = torch.autograd.grad(token_stats(x.requires_grad_(), t).entropy.sum(), x)[0]
+        grad_alone = torch.autograd.grad(token_stats(x[3:4], t[3:4]).entropy.sum(), x)[0]
+        assert torch.equal(grad_full[3], grad_alone[3])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_path_is_more_accurate_than_the_eager_formula():
+    """float32 work in cache-sized chunks, no float64 copy: still closer to float64 than
+    log_softmax + gather + −Σp·log p in float32 (bench/README.md, CPU ratios)."""
+    x = random_logits((64, 32000), torch.float32, "cpu")
+    t = torch.randint(0, 32000, (64,))
+    ref = reference(x, t)
+    ours = token_stats(x, t)
+    log_p = torch.log_softmax(x, -1)
+    eager = {"logprob": log_p.gather(-1, t[:, None])[:, 0], "entropy": -(log_p.exp() * log_p).sum(-1)}
+    for name in ("logprob", "entropy"):
+        ours_err = (getattr(ours, name).double() - ref[name]).abs().max().item()
+        eager_err = (eager[name].double() - ref[name]).abs().max().item()
+        assert ours_err < eager_err, (name, ours_err, eager_err)
+
+
 def test_grad_and_no_grad_agree_bitwise(backend, device):
     x = random_logits((6, 700), torch.bfloat16, device)
     t = torch.randint(0, 700, (6,), device=device)

@@ -1,7 +1,8 @@
 """`token_stats`: log-prob of the target, exact entropy and logsumexp of every row of logits (docs/ops.md, token_stats).
 
-One pass over the logits with float32 accumulators relative to the running max. Backends: the
-torch reference (CPU), a Triton kernel and a CUDA kernel, behind one `torch.library` custom op with a
+One pass over the logits with float32 accumulators relative to the running max. Backends: float32
+torch on the CPU (`cpu.py`), the float64 torch reference (float64 logits, and `APPO_BACKEND=torch`
+on a GPU), a Triton kernel and a CUDA kernel, behind one `torch.library` custom op with a
 fake implementation and a fused backward, so the op works under `torch.compile(fullgraph=True)`.
 """
 
@@ -33,8 +34,10 @@ def _impl(logits: Tensor):
         from appo_kernels.token_stats import triton as impl
     elif backend == "cuda":
         from appo_kernels.token_stats import cuda as impl
+    elif logits.device.type == "cpu" and logits.dtype != torch.float64:
+        from appo_kernels.token_stats import cpu as impl  # float32 work, cache-sized chunks
     else:
-        from appo_kernels.token_stats import reference as impl
+        from appo_kernels.token_stats import reference as impl  # float64 (and torch on a GPU)
     return impl
 
 

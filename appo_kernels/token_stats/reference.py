@@ -1,4 +1,5 @@
-"""Torch reference for `token_stats`: the CPU implementation, and what the kernels are held to.
+"""Float64 torch reference for `token_stats`: what the kernels and the CPU path (`cpu.py`) are held
+to; it runs float64 logits (gradcheck) and `APPO_BACKEND=torch` on a GPU.
 
 Accumulates in float64. Sums over the vocabulary are taken with `cumsum`, a sequential scan per
 row, because torch's CPU reductions split a single long row across threads and so would give a row
