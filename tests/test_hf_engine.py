@@ -144,3 +144,26 @@ def test_forks_of_forks_reuse_their_cache(scripted):
     assert eng.stats["prefill_tokens"] - before == len(grandchildren)
     assert eng.stats["recomputed_tokens"] == 0
     scripted.assert_logprobs_match(leaves)
+
+
+def test_dropping_rows_and_repacking_copy_once_and_keep_the_capacity():
+    """select_rows / keep_slots write the kept rows and slots straight into buffers of the same
+    capacity: the next appended token lands in them without a regrowth copy."""
+    from appo.rollout.hf import _GrowingLayer
+
+    layer = _GrowingLayer()
+    k, v = torch.randn(4, 2, 10, 8), torch.randn(4, 2, 10, 8)
+    layer.update(k, v)
+    capacity = layer._buffers[0].shape[2]
+    layer.select_rows(torch.tensor([3, 1]))
+    assert torch.equal(layer.keys, k[[3, 1]]) and torch.equal(layer.values, v[[3, 1]])
+    order = torch.tensor([[0, 2, 5], [1, 4, 9]])
+    layer.keep_slots(order)
+    want_k = torch.stack([k[3][:, [0, 2, 5]], k[1][:, [1, 4, 9]]])
+    assert torch.equal(layer.keys, want_k)
+    buffer = layer._buffers[0]
+    assert buffer.shape[2] == capacity
+    new_k, new_v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    keys, values = layer.update(new_k, new_v)
+    assert layer._buffers[0] is buffer and keys.data_ptr() == buffer.data_ptr()  # no regrowth
+    assert torch.equal(keys[:, :, :3], want_k) and torch.equal(keys[:, :, 3:], new_k)

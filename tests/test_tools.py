@@ -67,6 +67,37 @@ def test_a_raising_tool_returns_error_text(registry):
     assert get_tool("broken")("x") == "error: RuntimeError: boom"
 
 
+def test_inline_tools_run_on_the_rollouts_thread_others_in_watched_threads(registry):
+    """The calculator (inline) runs without a thread; a tool that may hang runs in its own thread
+    and is abandoned at the timeout, with the other calls' results intact."""
+    import threading
+    import time
+
+    from appo.rollout.toolloop import run_tools
+    from appo.rollout.tools import runs_inline
+
+    seen = {}
+
+    def where(name):
+        def tool(arguments):
+            seen[name] = threading.get_ident()
+            if arguments == "hang":
+                time.sleep(5)
+            return name
+        return tool
+
+    register_tool("fast", where("fast"), inline=True)
+    register_tool("slow", where("slow"))
+    assert runs_inline(get_tool("fast")) and runs_inline(get_tool("calculator"))
+    assert not runs_inline(get_tool("slow")) and not runs_inline(get_tool("python"))
+    started = time.monotonic()
+    results = run_tools([(get_tool("slow"), "hang"), (get_tool("fast"), "x"),
+                         (get_tool("calculator"), "2 + 3")], timeout=0.3)
+    assert time.monotonic() - started < 3
+    assert results == ["error: tool timed out after 0.3 s", "fast", "5"]
+    assert seen["fast"] == threading.get_ident() != seen["slow"]
+
+
 # ----------------------------------------------------------------------------------------------
 # calculator: an independent evaluator over a test-side expression tree
 #

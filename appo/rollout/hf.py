@@ -14,7 +14,8 @@ Design, in the order a rollout meets it:
   (a tool result fed while the other rows decode one token); once the cache is 1.5x wider than the
   longest row's real tokens it is re-packed (each row's real slots moved to the front), so the
   holes stay bounded for an amortised O(1) copy per token. Finished rows leave the batch at once.
-  The cache layers append into buffers grown by doubling (`_GrowingLayer`), not by `torch.cat`.
+  The cache layers append into buffers grown by doubling (`_GrowingLayer`), not by `torch.cat`;
+  dropping rows and re-packing write straight into fresh buffers of the same capacity (one copy).
 - **Prompts and fork prefixes are prefilled once per group.** `generate` feeds each distinct
   prompt once and repeats its cache rows n times; `fork` feeds each (parent, position) pair once
   (only the kept token, on top of the parent's cached prefix), then repeats it n times.
@@ -116,6 +117,29 @@ class _GrowingLayer(DynamicLayer):
         self.keys, self.values = buffers[0][:, :, :n + add], buffers[1][:, :, :n + add]
         return self.keys, self.values
 
+    def _refill(self, rows: int, length: int, fill) -> None:
+        """New buffers of the current capacity, their first `length` slots written by
+        fill(source, out) straight from the old keys/values: one copy, and the next append needs
+        no regrowth (select and compact used to copy twice)."""
+        capacity = max(self._buffers[0].shape[2] if self._buffers else 0, length,
+                       MIN_CACHE_CAPACITY)
+        buffers = tuple(t.new_empty(rows, t.shape[1], capacity, t.shape[3])
+                        for t in (self.keys, self.values))
+        for source, buffer in zip((self.keys, self.values), buffers):
+            fill(source, buffer[:, :, :length])
+        self._buffers = buffers
+        self.keys, self.values = buffers[0][:, :, :length], buffers[1][:, :, :length]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self._refill(len(index), self.keys.shape[2],
+                     lambda source, out: torch.index_select(source, 0, index, out=out))
+
+    def keep_slots(self, order: torch.Tensor) -> None:
+        """Row b keeps the slots order[b] (in that order): [rows, length]."""
+        index = order[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[3])
+        self._refill(order.shape[0], order.shape[1],
+                     lambda source, out: torch.gather(source, 2, index, out=out))
+
 
 def _new_cache(model) -> DynamicCache:
     cache = DynamicCache(config=model.config)
@@ -198,7 +222,8 @@ class _Batch:
         if not keep:
             self.cache, self.attention = None, None
             return
-        self.cache.batch_select_indices(index)
+        for layer in self.cache.layers:
+            layer.select_rows(index)
         self.attention = self.attention[index]
 
     def compact(self) -> None:
@@ -211,8 +236,7 @@ class _Batch:
         # stable sort of "is hole": the real slots of each row first, in their order
         order = torch.sort(~self.attention, dim=1, stable=True).indices[:, :longest]
         for layer in self.cache.layers:
-            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+            layer.keep_slots(order)
         self.attention = torch.arange(longest, device=counts.device) < counts[:, None]
         self.engine.stats["compactions"] += 1
 

@@ -16,7 +16,8 @@ last response token, in this order:
 
 `n_tool_calls` counts the calls that ran (each leaves one run of mask-0 tokens), and a fork starts
 from the count in its prefix. A fork's kept token goes through the same rules, so a fork at the `>`
-closing a call runs that call. Calls closed in the same step run in parallel threads; a tool that
+closing a call runs that call. Inline tools (the calculator: fast, ending by itself) run on the
+rollout's thread; other calls closed in the same step run in parallel threads; a tool that
 raises or returns a non-string yields an error or str() text, one that runs past `tool_timeout`
 seconds an error text (its thread is abandoned).
 
@@ -31,6 +32,7 @@ next non-space characters into one token is not seen (exact for the character to
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -40,6 +42,7 @@ from appo._deprecated import renamed
 
 from .base import Sample, SamplingParams
 from .protocol import AUTO, ToolCall, ToolProtocol, make_protocol
+from .tools import runs_inline
 
 DEFAULT_TOOL_TIMEOUT_S = 60.0
 Tools = Mapping[str, Callable[[str], str]]
@@ -71,20 +74,26 @@ def run_tool(fn: Callable[[str], str], arguments: str) -> str:
 
 def run_tools(calls: list[tuple[Callable[[str], str], str]],
               timeout: Optional[float]) -> list[str]:
-    if len(calls) == 1 and timeout is None:
-        return [run_tool(*calls[0])]
+    """Each call's result text, in order. Inline tools (`register_tool(inline=True)`: fast, and
+    they end on their own) run on this thread; the others run in parallel daemon threads, each
+    abandoned after `timeout` seconds (None: waited for)."""
     results: list[Optional[str]] = [None] * len(calls)
+    watched = [i for i, (fn, _) in enumerate(calls) if not runs_inline(fn)]
+    if len(watched) == 1 and timeout is None and len(calls) == 1:
+        watched = []  # one call, waited for: no thread needed
 
-    def work(i, fn, arguments):
-        results[i] = run_tool(fn, arguments)
+    def work(i):
+        results[i] = run_tool(*calls[i])
 
     # daemon threads: a hung tool is abandoned instead of blocking the rollout or interpreter exit
-    threads = [threading.Thread(target=work, args=(i, *call), daemon=True)
-               for i, call in enumerate(calls)]
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in watched]
+    deadline = None if timeout is None else time.monotonic() + timeout
     for t in threads:
         t.start()
+    for i in sorted(set(range(len(calls))) - set(watched)):
+        work(i)
     for t in threads:
-        t.join(timeout)
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
     return [r if r is not None else f"error: tool timed out after {timeout} s" for r in results]
 
 
@@ -258,8 +267,12 @@ class ToolLoop:
 
 
 def _fixed(text: str) -> Callable[[str], str]:
-    """A stand-in tool for a malformed call: its result is the error text."""
-    return lambda _arguments: text
+    """A stand-in tool for a malformed call: its result is the error text (run inline)."""
+    def error(_arguments: str) -> str:
+        return text
+
+    error.inline = True
+    return error
 
 
 # the old name, for one release

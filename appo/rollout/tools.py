@@ -59,7 +59,8 @@ _SPECS: dict[str, ToolSpec] = {}
 
 
 def register_tool(name: str, fn: Optional[ToolFn] = None, *, replace: bool = False,
-                  description: Optional[str] = None, parameter: str = "input"):
+                  description: Optional[str] = None, parameter: str = "input",
+                  inline: bool = False):
     """Register `fn` as the tool `name`; without `fn`, return a decorator that does.
 
     `name` becomes the tag the model writes (`<name>arguments</name>`), so it must be an identifier
@@ -69,6 +70,12 @@ def register_tool(name: str, fn: Optional[ToolFn] = None, *, replace: bool = Fal
     raises unless `replace=True` (e.g. to swap in a `PythonTool` with other limits). Returns `fn`
     unchanged; the registry holds a wrapper that turns exceptions and non-string results into
     result text.
+
+    `inline=True` declares the tool fast and ending by itself (a pure function with its own size
+    limits, like the calculator): the rollout calls it on its own thread, one call after another,
+    instead of in a watchdog thread per call with `tool_timeout` (a thread per calculator call
+    cost ~12% of a step of the embedded default under load). Tools that may take long or hang (a
+    subprocess, a network call) stay False: their calls run in parallel threads.
     """
     if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
         raise ValueError(f"tool name must be an identifier (letters, digits, _), got {name!r}")
@@ -78,7 +85,8 @@ def register_tool(name: str, fn: Optional[ToolFn] = None, *, replace: bool = Fal
         raise ValueError(f"parameter must be an identifier, got {parameter!r}")
 
     def add(tool: ToolFn) -> ToolFn:
-        _TOOLS.add(name, tool, replace=replace, transform=_never_raises)
+        _TOOLS.add(name, tool, replace=replace,
+                   transform=lambda t: _never_raises(t, inline=inline))
         doc = (getattr(tool, "__doc__", None) or "").strip().splitlines()
         _SPECS[name] = ToolSpec(description or (doc[0] if doc else f"the {name} tool"), parameter)
         return tool
@@ -111,7 +119,12 @@ def tool_schema(name: str) -> dict:
                        "required": [spec.parameter]}}}
 
 
-def _never_raises(tool: ToolFn) -> ToolFn:
+def runs_inline(tool: ToolFn) -> bool:
+    """Whether `tool` was registered with `inline=True` (or wraps one that was)."""
+    return bool(getattr(tool, "inline", False))
+
+
+def _never_raises(tool: ToolFn, *, inline: bool = False) -> ToolFn:
     def guarded(arguments: str) -> str:
         try:
             result = tool(arguments)
@@ -121,6 +134,7 @@ def _never_raises(tool: ToolFn) -> ToolFn:
 
     guarded.__wrapped__ = tool
     guarded.__name__ = getattr(tool, "__name__", "tool")
+    guarded.inline = inline
     return guarded
 
 
@@ -607,6 +621,10 @@ class FlakyTool:
         if not 0.0 <= self.failure_share < 1.0:
             raise ValueError(f"failure_share must be in [0, 1), got {self.failure_share}")
 
+    @property
+    def inline(self) -> bool:
+        return runs_inline(self.tool)
+
     def fails(self, arguments: str) -> bool:
         digest = hashlib.blake2b(f"{self.seed}:{arguments}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") < self.failure_share * 2**64
@@ -615,7 +633,7 @@ class FlakyTool:
         return self.message if self.fails(arguments) else self.tool(arguments)
 
 
-register_tool("calculator", calculator, parameter="expression",
+register_tool("calculator", calculator, parameter="expression", inline=True,
               description="Evaluate an arithmetic expression (numbers, + - * / // % **, "
                           "parentheses) and return its value.")
 register_tool("python", PythonTool(), parameter="code",

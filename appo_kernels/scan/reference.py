@@ -1,8 +1,9 @@
 """Torch references for the sequence scans: the CPU implementation, in float64.
 
 The segmented suffix scan is a log-step (Hillis–Steele) scan: after the step with offset d every
-token holds the discounted sum of the next 2d tokens of its own sequence. ⌈log2 N⌉ vectorised
-steps, no loop over tokens, and each token's result depends only on its own sequence.
+token holds the discounted sum of the next 2d tokens of its own sequence. ⌈log2 L⌉ vectorised
+steps for the longest sequence L (one host sync to find it), no loop over tokens, and each token's
+result depends only on its own sequence.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ def suffix_scan(values: Tensor, cu_seqlens: Tensor, gamma: float) -> Tensor:
     if n == 0:
         return values.clone()
     end = cu_seqlens[1:].long()[token_segments(cu_seqlens, n)]  # exclusive end of seq(t)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # ⌈log2 L⌉ steps, not ⌈log2 N⌉
     index = torch.arange(n, device=values.device)
     y = values
     step = 1
-    while step < n:
+    while step < longest:
         source = index + step
         inside = source < end
         y = y + torch.where(inside, (gamma ** step) * y[source.clamp(max=n - 1)], 0.0)
