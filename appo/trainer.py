@@ -44,8 +44,8 @@ from appo.policy import (load_policy, load_reference, wants_warm_start, warm_sta
                          weights_dir)
 from appo.report import ROLLOUTS_FILE, RolloutsPage, format_postfix, plot_metrics, progress
 from appo.report.loggers import RunLoggers
-from appo.report.steps import (UpdateLog, describe_eval, first_eval, learning_signal,
-                               rollout_groups, rollout_metrics)
+from appo.report.steps import (StageClock, TimedEngine, UpdateLog, describe_eval, first_eval,
+                               learning_signal, rollout_groups, rollout_metrics, timed)
 from appo.rollout.base import SamplingParams
 from appo.rollout.engines import EngineContext, make_engine
 from appo.rollout.protocol import make_protocol
@@ -105,11 +105,12 @@ class Trainer:
         if "python" in tools and cfg.tools.python.sandbox == "rlimits":
             log("warning: tools.python.sandbox=rlimits: the policy's python code runs WITHOUT a "
                 "sandbox (it can read and write what the trainer can; docs/sandbox.md)")
-        self.engine = make_engine(cfg.rollout.name, EngineContext(
+        self.clock = StageClock()  # time_generate, time_fork, time_score, ... per step
+        self.engine = TimedEngine(make_engine(cfg.rollout.name, EngineContext(
             self.model, self.tokenizer, tools, self.protocol,
             lambda: weights_dir(cfg, self.run, self.model, self.tokenizer),
             seed=cfg.trainer.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            device=self.device))
+            device=self.device)), self.clock)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.actor.optim.lr, betas=tuple(cfg.actor.optim.betas),
             weight_decay=cfg.actor.optim.weight_decay)
@@ -186,7 +187,7 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """One APPO/ARPO/GRPO step; returns its metrics."""
         cfg, algo = self.config, self.algorithm
-        started = time.monotonic()
+        started, self.clock.seconds = time.monotonic(), {}
         problems = self._problems_for(step)
         prompts = [self.protocol.encode_prompt(p.prompt, self.task.instructions,
                                                self.task.tool_names) for p in problems]
@@ -245,7 +246,7 @@ class Trainer:
         elapsed = time.monotonic() - started
         times = {"rollout": rollout_s, "train": elapsed - rollout_s}
         record = {"step": step, **rollout_metrics(init, branched.branches, old, times),
-                  **branched.metrics, **signal, **update.means(),
+                  **branched.metrics, **signal, **update.means(), **self.clock.metrics(),
                   "lr": self.optimizer.param_groups[0]["lr"], "time_step": elapsed}
         if cfg.trainer.html_prompts > 0:
             self.rollout_report.add_step(step, rollout_groups(
@@ -300,6 +301,7 @@ class Trainer:
                                                                         prompts),
                            self._eligible, self._generator(step, "branch"))
 
+    @timed("score")
     def _stats(self, model, rollouts: PackedRollouts, prompts) -> RolloutStats:
         """Per-token log-prob and entropy of `rollouts` under `model`, micro-batched."""
         return rollout_token_stats(
@@ -329,6 +331,7 @@ class Trainer:
                 plan.append([groups[i] for i in order[start:start + actor.ppo_mini_batch_size]])
         return plan
 
+    @timed("update")
     def _update(self, plan, train: PackedRollouts, prompts, adv_tok, old_logprob, ref_logprob,
                 algo, log: UpdateLog) -> None:
         """One optimizer step per mini-batch of `plan`, each micro-batched by token budget."""

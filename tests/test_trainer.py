@@ -136,6 +136,9 @@ def test_each_algorithm_runs_a_step(env, tmp_path, algo):
                 "kl_ref_mean", "grad_norm", "tokens_per_s", "tree_tokens"):
         assert key in record and record[key] == record[key], key  # present, not NaN
     assert record["tree_tokens"] <= record["unrolled_tokens"]
+    stages = ("generate", "score", "update", "sync") + (("fork",) if algo == "appo" else ())
+    times = [record[f"time_{stage}"] for stage in stages]
+    assert all(t > 0 for t in times) and sum(times) <= record["time_step"], record
     # the engine sampled with the weights the trainer scored with: the same log-probs
     assert record["rollout_logprob_gap"] < 1e-4
     assert 0 < record["entropy_mean"] <= torch.log(torch.tensor(float(trainer.vocab_size)))

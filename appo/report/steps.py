@@ -4,6 +4,9 @@ learning signal. Takes the step's `PackedRollouts`s (appo.algorithms)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import time
 from collections import Counter
 from typing import Callable, Optional, Sequence
 
@@ -72,6 +75,59 @@ def common_reasons(grades: Sequence, limit: int = 3) -> Optional[str]:
              for i, (reason, n) in enumerate(counts[:limit])]
     rest = sum(n for _, n in counts[limit:])
     return "; ".join(shown) + (f"; {rest} other" if rest else "")
+
+
+class StageClock:
+    """Wall seconds per stage of the current step, logged as `time_<stage>` (docs/training.md):
+    generate, fork, score (no-grad passes), update (PPO mini-batches), sync (weight pushes)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.monotonic() - started
+
+    def metrics(self) -> dict:
+        return {f"time_{stage}": seconds for stage, seconds in self.seconds.items()}
+
+
+def timed(stage: str):
+    """Method decorator: the call's time goes to `self.clock` under `stage`."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            with self.clock(stage):
+                return method(self, *args, **kwargs)
+        return run
+    return wrap
+
+
+class TimedEngine:
+    """A rollout engine whose generate, fork and update_weights are timed on a StageClock;
+    everything else goes to the engine itself."""
+
+    def __init__(self, engine, clock: StageClock):
+        self.engine, self.clock = engine, clock
+
+    @timed("generate")
+    def generate(self, *args, **kwargs):
+        return self.engine.generate(*args, **kwargs)
+
+    @timed("fork")
+    def fork(self, *args, **kwargs):
+        return self.engine.fork(*args, **kwargs)
+
+    @timed("sync")
+    def update_weights(self, model):
+        return self.engine.update_weights(model)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
 
 
 def rollout_metrics(init, branches, old, times: dict) -> dict:
