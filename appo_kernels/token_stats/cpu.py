@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from appo_kernels._backend import new_output
+from appo_kernels.token_stats.reference import finish, top2_gap
 
 CHUNK_ELEMENTS = 1 << 16  # logits per chunk: two float32 buffers of 256 KiB stay in L2
 # d = (x − max)/T is floored here: exp(FLOOR) is exactly 0 in float32, so a −inf logit gives e = 0
@@ -85,24 +86,10 @@ def forward(logits, target, mask, inv_temperature, want_varentropy, want_top2):
             var = _row_sum(e) / s - mean_d * mean_d
             out["varentropy"][a:b] = torch.where(ok, var.clamp_min(0.0), nan)
         if want_top2:
-            if vocab >= 2:
-                top = x.topk(2, dim=-1).values
-                gap = torch.where(top[:, 1] > -torch.inf,
-                                  (top[:, 0] - top[:, 1]) * inv_temperature, torch.inf)
-            else:
-                gap = torch.full_like(s, torch.inf)
-            out["top2"][a:b] = torch.where(ok, gap, nan)
+            out["top2"][a:b] = torch.where(ok, top2_gap(x, inv_temperature), nan)
 
-    wanted = {"logprob": tgt is not None, "varentropy": want_varentropy, "top2": want_top2}
-    lead = logits.shape[:-1]
-    result = []
-    for n in names:
-        if not wanted.get(n, True):
-            result.append(out[n][:0])
-            continue
-        t = out[n] if keep is None else torch.where(keep, out[n], 0.0)
-        result.append(t.reshape(lead))
-    return tuple(result)
+    return finish(out, names, {"logprob": tgt is not None, "varentropy": want_varentropy,
+                               "top2": want_top2}, keep, logits.shape[:-1])
 
 
 def backward(logits, target, mask, row_max, log_norm, entropy, g_logprob, g_entropy, g_lse,

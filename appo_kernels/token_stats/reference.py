@@ -75,16 +75,23 @@ def forward(logits, target, mask, inv_temperature, want_varentropy, want_top2):
             var = _row_sum(edd) / s - mean_d * mean_d
             out["varentropy"][a:b] = torch.where(ok, var.clamp_min(0.0), nan)
         if want_top2:
-            if vocab >= 2:
-                top = x.topk(2, dim=-1).values
-                gap = torch.where(top[:, 1] > -torch.inf, (top[:, 0] - top[:, 1]) * inv_temperature,
-                                  torch.full_like(s, float("inf")))
-            else:
-                gap = torch.full_like(s, float("inf"))
-            out["top2"][a:b] = torch.where(ok, gap, nan)
+            out["top2"][a:b] = torch.where(ok, top2_gap(x, inv_temperature), nan)
 
-    wanted = {"logprob": tgt is not None, "varentropy": want_varentropy, "top2": want_top2}
-    lead = logits.shape[:-1]
+    return finish(out, names, {"logprob": tgt is not None, "varentropy": want_varentropy,
+                               "top2": want_top2}, keep, logits.shape[:-1])
+
+
+def top2_gap(x: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """(z(1) − z(2))/T per row of x [R, V]; inf where there is no second finite logit."""
+    if x.shape[-1] < 2:
+        return torch.full(x.shape[:1], float("inf"), dtype=x.dtype, device=x.device)
+    top = x.topk(2, dim=-1).values
+    return torch.where(top[:, 1] > -torch.inf, (top[:, 0] - top[:, 1]) * inv_temperature,
+                       float("inf"))
+
+
+def finish(out: dict, names, wanted: dict, keep, lead) -> tuple:
+    """The outputs in `names` order, shaped `lead`, masked rows 0, unrequested ones empty."""
     result = []
     for n in names:
         if not wanted.get(n, True):
