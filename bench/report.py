@@ -23,7 +23,7 @@ KEY = ("op", "provider", "shape", "dtype", "mode")
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2}
 # optional extra_info keys copied into the results when a bench records them: a FLOP count and
 # TFLOP/s under it, and for tree attention the same under the unrolled paths' FLOP count
-OPTIONAL = ("flops", "tflops", "unrolled_flops", "unrolled_tflops")
+OPTIONAL = ("flops", "tflops", "unrolled_flops", "unrolled_tflops", "peak_extra_mib")
 
 
 def device_slug(name: str) -> str:

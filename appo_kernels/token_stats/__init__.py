@@ -118,9 +118,13 @@ def _check_args(logits, target, temperature, mask, extras) -> None:
             f"logits: the vocabulary (last) dimension must have stride 1, got strides "
             f"{tuple(logits.stride())}; pass logits.contiguous()"
         )
-    lead = logits.shape[:-1]
-    tensor_arg("target", target, dtypes=INDEX_DTYPES, shape=lead, like=logits, optional=True)
-    tensor_arg("mask", mask, dtypes=(torch.bool,), shape=lead, like=logits, optional=True)
+    _check_rows(logits.shape[:-1], logits, target, temperature, mask, extras)
+
+
+def _check_rows(lead, like: Tensor, target, temperature, mask, extras) -> None:
+    """target, mask, temperature and extras of rows `lead` (shared with linear_token_stats)."""
+    tensor_arg("target", target, dtypes=INDEX_DTYPES, shape=lead, like=like, optional=True)
+    tensor_arg("mask", mask, dtypes=(torch.bool,), shape=lead, like=like, optional=True)
     temperature = float_arg("temperature", temperature, low=0.0, low_open=True)
     # the kernels scale by 1/temperature in float32: it must be a finite normal float32
     if not torch.compiler.is_compiling() and not (
