@@ -91,6 +91,10 @@ class ActorConfig:
     kl_loss_coef: float = 0.05
     kl_loss_type: str = "low_var_kl"  # k3; also k1/kl, k2/mse
     unrolled: bool = False  # the training pass on padded sequences instead of packed trees
+    # statistics from the last hidden states and the lm_head (linear_token_stats), never the
+    # [tokens × V] logits, where the model's head allows it (appo.forward.fused_head); false:
+    # the logits path, for comparison
+    fused_lm_head: bool = True
 
 
 @dataclass

@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from appo_kernels import TreeLayout, token_stats, tree_token_stats
+from appo_kernels import (TreeLayout, linear_token_stats, token_stats, tree_linear_token_stats,
+                          tree_token_stats)
 from appo_kernels.integrations.transformers import ATTN_IMPLEMENTATION, register
 
 FALLBACK_ATTENTION = "sdpa"  # the unrolled pass when the model was loaded with "appo_tree"
@@ -54,9 +55,12 @@ def attention(model, name: str):
 
 def response_token_stats(model, prompts: Sequence[Sequence[int]],
                          responses: Sequence[Sequence[int]], *, temperature: float = 1.0,
-                         unrolled: bool = False, pad_id: int = 0) -> ResponseStats:
+                         unrolled: bool = False, pad_id: int = 0,
+                         fused: bool = True) -> ResponseStats:
     """Log-prob and entropy of every response token of `prompts[i] + responses[i]` under `model`
-    (differentiable when grad is enabled). Tree-packed unless `unrolled`."""
+    (differentiable when grad is enabled). Tree-packed unless `unrolled`. `fused`: take the
+    statistics from the last hidden states and the lm_head (`linear_token_stats`, no
+    [tokens × V] logits) where the model's head allows it (`fused_head`)."""
     if len(prompts) != len(responses):
         raise ValueError(f"prompts and responses must pair up: {len(prompts)} prompts, "
                          f"{len(responses)} responses")
@@ -71,28 +75,61 @@ def response_token_stats(model, prompts: Sequence[Sequence[int]],
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
     if unrolled:
         logprob, entropy, work = _unrolled(model, seqs, [len(p) for p in prompts], temperature,
-                                           pad_id, device)
+                                           pad_id, device, fused)
     else:
         logprob, entropy, work = _tree(model, seqs, [len(p) for p in prompts], temperature,
-                                       device)
+                                       device, fused)
     return ResponseStats(logprob, entropy, cu_seqlens.to(device), work)
 
 
-def _tree(model, seqs, prompt_lens, temperature, device):
+def fused_head(model):
+    """The model's output layer as (weight, bias) when its logits are exactly hidden @ weight.T
+    + bias (no soft-capping, scaling or other post-processing), so that `linear_token_stats` can
+    take the statistics without the logits; None otherwise. Checked once per model on a few
+    tokens against the model's own logits, and remembered."""
+    head, base = model.get_output_embeddings(), getattr(model, "base_model", None)
+    ok = getattr(model, "_appo_fused_head", None)
+    if ok is None:
+        ok = isinstance(head, torch.nn.Linear) and base is not None and base is not model
+    if ok and not hasattr(model, "_appo_fused_head"):
+        device = head.weight.device
+        ids = torch.arange(3, device=device)[None] % head.weight.shape[0]
+        name = model.config._attn_implementation
+        training = model.training
+        model.eval()  # no dropout between the two passes
+        with torch.no_grad(), attention(model, FALLBACK_ATTENTION if name == ATTN_IMPLEMENTATION
+                                        else name):
+            logits = model(input_ids=ids, use_cache=False).logits[0].float()
+            hidden = base(input_ids=ids, use_cache=False).last_hidden_state[0]
+            again = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
+        model.train(training)
+        ok = torch.allclose(logits, again, rtol=1e-3, atol=1e-3 * float(logits.abs().max()))
+    model._appo_fused_head = ok
+    return (head.weight, head.bias) if ok else None
+
+
+def _tree(model, seqs, prompt_lens, temperature, device, fused):
     layout, token_ids, paths = TreeLayout.from_sequences(seqs)
     # each sequence's response tokens, as indices into the packed tree
     index = torch.cat([path[n:] for path, n in zip(paths, prompt_lens)]).to(device)
     layout, token_ids = layout.to(device), token_ids.to(device)
     scored = torch.zeros(layout.n_tokens, dtype=torch.bool, device=device)
     scored[index] = True
+    head = fused_head(model) if fused else None
     with attention(model, ATTN_IMPLEMENTATION):
-        logits = model(input_ids=token_ids[None], position_ids=layout.depth[None],
-                       appo_tree=layout, use_cache=False).logits[0]
-    stats = tree_token_stats(logits, layout, token_ids, temperature=temperature, mask=scored)
+        inputs = dict(input_ids=token_ids[None], position_ids=layout.depth[None],
+                      appo_tree=layout, use_cache=False)
+        if head is None:
+            stats = tree_token_stats(model(**inputs).logits[0], layout, token_ids,
+                                     temperature=temperature, mask=scored)
+        else:  # never the [tokens × V] logits: statistics from the last hidden states
+            hidden = model.base_model(**inputs).last_hidden_state[0]
+            stats = tree_linear_token_stats(hidden, *head, layout, token_ids,
+                                            temperature=temperature, mask=scored)
     return stats.logprob[index], stats.entropy[index], layout.n_tokens
 
 
-def _unrolled(model, seqs, prompt_lens, temperature, pad_id, device):
+def _unrolled(model, seqs, prompt_lens, temperature, pad_id, device, fused):
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -104,9 +141,16 @@ def _unrolled(model, seqs, prompt_lens, temperature, pad_id, device):
         scored[b, n - 1:len(seq) - 1] = True
     ids, attention_mask, scored = ids.to(device), attention_mask.to(device), scored.to(device)
     name = model.config._attn_implementation
+    head = fused_head(model) if fused else None
     with attention(model, FALLBACK_ATTENTION if name == ATTN_IMPLEMENTATION else name):
-        logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
-    stats = token_stats(logits[:, :-1], ids[:, 1:], temperature=temperature, mask=scored)
+        inputs = dict(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+        if head is None:
+            stats = token_stats(model(**inputs).logits[:, :-1], ids[:, 1:],
+                                temperature=temperature, mask=scored)
+        else:
+            hidden = model.base_model(**inputs).last_hidden_state[:, :-1]
+            stats = linear_token_stats(hidden, head[0], ids[:, 1:], bias=head[1],
+                                       temperature=temperature, mask=scored)
     # row-major boolean indexing keeps each row's response tokens in order, rows in order
     return stats.logprob[scored], stats.entropy[scored], ids.numel()
 
@@ -124,7 +168,7 @@ class RolloutStats:
 def rollout_token_stats(model, prompts: Sequence[Sequence[int]],
                         responses: Sequence[Sequence[int]], group: Tensor, *, token_budget: int,
                         temperature: float = 1.0, unrolled: bool = False,
-                        pad_id: int = 0) -> RolloutStats:
+                        pad_id: int = 0, fused: bool = True) -> RolloutStats:
     """Log-prob and entropy of every response token of `prompts[i] + responses[i]`, in
     micro-batches of whole prompt groups (`group[i]`, see `micro_batches`)."""
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
@@ -137,7 +181,7 @@ def rollout_token_stats(model, prompts: Sequence[Sequence[int]],
     for batch in micro_batches(by_group(group), seqs, token_budget):
         stats = response_token_stats(model, [prompts[i] for i in batch],
                                      [responses[i] for i in batch], temperature=temperature,
-                                     unrolled=unrolled, pad_id=pad_id)
+                                     unrolled=unrolled, pad_id=pad_id, fused=fused)
         index = token_index(cu_seqlens, batch).to(device)
         logprob[index], entropy[index] = stats.logprob, stats.entropy
         work += stats.forward_tokens

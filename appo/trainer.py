@@ -309,14 +309,14 @@ class Trainer:
             [s.response_ids for s in rollouts.samples], rollouts.group,
             token_budget=self.config.actor.ppo_max_token_len_per_gpu,
             temperature=self.config.rollout.temperature, unrolled=self.config.actor.unrolled,
-            pad_id=self.pad_id)
+            pad_id=self.pad_id, fused=self.config.actor.fused_lm_head)
 
     def _forward(self, model, rollouts: PackedRollouts, prompts, batch: list[int]):
         return response_token_stats(
             model, [prompts[int(rollouts.group[i])] for i in batch],
             [rollouts.samples[i].response_ids for i in batch],
             temperature=self.config.rollout.temperature, unrolled=self.config.actor.unrolled,
-            pad_id=self.pad_id)
+            pad_id=self.pad_id, fused=self.config.actor.fused_lm_head)
 
     def _minibatches(self, step: int, train: PackedRollouts) -> list[list[list[int]]]:
         """The PPO epochs' mini-batches, in order: each a list of prompt groups (sequence indices

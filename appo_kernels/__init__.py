@@ -10,14 +10,15 @@ from appo_kernels.scan import (BranchScores, branching_score, discounted_suffix_
 from appo_kernels.selection import select_branch_points
 from appo_kernels.token_stats import TokenStats, token_stats
 from appo_kernels.token_stats.linear import linear_token_stats
-from appo_kernels.tree import TreeLayout, flex_tree_attention, tree_attention, tree_token_stats
+from appo_kernels.tree import (TreeLayout, flex_tree_attention, tree_attention,
+                               tree_linear_token_stats, tree_token_stats)
 from appo_kernels.vocab import VocabFlags, vocab_flags
 
 __all__ = [
     "BranchScores", "TokenStats", "TreeLayout", "VocabFlags", "backend_info", "branching_score",
     "discounted_suffix_sum", "flex_tree_attention", "future_kl_scale", "future_value",
-    "group_advantages", "kl_penalty", "linear_token_stats", "pack", "policy_loss", "procedure_advantages",
-    "select_branch_points", "token_stats", "tree_attention", "tree_token_stats", "unpack",
-    "vocab_flags",
+    "group_advantages", "kl_penalty", "linear_token_stats", "pack", "policy_loss",
+    "procedure_advantages", "select_branch_points", "token_stats", "tree_attention",
+    "tree_linear_token_stats", "tree_token_stats", "unpack", "vocab_flags",
 ]
 __version__ = "0.1.0"

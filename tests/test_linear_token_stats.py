@@ -118,15 +118,17 @@ def test_no_target_gives_no_logprob():
     torch.testing.assert_close(stats.entropy, token_stats(h @ w.T).entropy)
 
 
-def test_a_row_gives_the_same_bits_alone_in_a_batch_and_without_grad():
-    h, w, b, t = inputs(70, 24, 3001)
-    full = linear_token_stats(h, w, t, bias=b, chunk_size=64)
-    alone = linear_token_stats(h[41:42], w, t[41:42], bias=b, chunk_size=64)
-    picked = linear_token_stats(h[[66, 41, 3]], w, t[[66, 41, 3]], bias=b, chunk_size=64)
+@pytest.mark.parametrize("chunk_size", [64, None])  # chunks of 64 rows; one chunk of 200 rows
+def test_a_row_gives_the_same_bits_alone_in_a_batch_and_without_grad(chunk_size):
+    h, w, b, t = inputs(200, 24, 3001)
+    full = linear_token_stats(h, w, t, bias=b, chunk_size=chunk_size)
+    alone = linear_token_stats(h[41:42], w, t[41:42], bias=b, chunk_size=chunk_size)
+    picked = linear_token_stats(h[[166, 41, 3]], w, t[[166, 41, 3]], bias=b,
+                                chunk_size=chunk_size)
     for name in ("logprob", "entropy", "lse"):
         value = getattr(full, name)
         assert torch.equal(value[41:42], getattr(alone, name)), name
-        assert torch.equal(value[[66, 41, 3]], getattr(picked, name)), name
+        assert torch.equal(value[[166, 41, 3]], getattr(picked, name)), name
     with torch.no_grad():
         no_grad = linear_token_stats(h, w, t, bias=b, chunk_size=64)
     hg = h.clone().requires_grad_()

@@ -100,6 +100,53 @@ def test_tree_and_unrolled_passes_agree_in_values_and_gradients(env):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_the_fused_lm_head_gives_the_logits_paths_values_and_gradients(env, unrolled):
+    """Statistics from the last hidden states (linear_token_stats, no [tokens × V] logits)
+    against the logits path, tree-packed and unrolled."""
+    from appo.forward import fused_head
+
+    torch.manual_seed(1)
+    model, _ = models.load_default()
+    model.float()
+    assert fused_head(model) is not None
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    prompts, responses = branched_sequences(model.config.vocab_size, generator)
+    n = sum(len(r) for r in responses)
+    w_lp, w_ent = torch.randn(n), torch.randn(n)
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        stats = response_token_stats(model, prompts, responses, temperature=0.7,
+                                     unrolled=unrolled, fused=fused)
+        ((stats.logprob * w_lp).sum() + (stats.entropy * w_ent).sum()).backward()
+        results.append((stats, [p.grad.clone() for p in model.parameters()]))
+    (fused_stats, fused_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fused_stats.logprob, plain.logprob, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_stats.entropy, plain.entropy, atol=2e-5, rtol=1e-5)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_head_that_is_not_a_plain_linear_layer_keeps_the_logits_path(env):
+    """A model that post-processes its logits (soft-capping, scaling) is seen on its own logits
+    and gets no fused head."""
+    from transformers import LlamaForCausalLM
+
+    from appo.forward import fused_head
+
+    class Capped(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = 30.0 * torch.tanh(out.logits / 30.0) * 1.5
+            return out
+
+    model, _ = models.load_default()
+    capped = Capped(model.config)
+    capped.load_state_dict(model.state_dict())
+    assert fused_head(capped) is None and fused_head(model) is not None
+
+
 def test_micro_batches_respect_the_token_budget_and_keep_groups_whole():
     seqs = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9], [7, 8], [7, 8, 9, 9, 9]]
     assert tree_size(seqs) == 11

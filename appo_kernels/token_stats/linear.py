@@ -6,10 +6,10 @@ each chunk's logits are computed, reduced by the `token_stats` backend of their 
 float32 CPU path, Triton on a GPU) and dropped. The backward recomputes each chunk's logits, takes
 the fused `token_stats` backward to d(logits) and turns it into d(hidden) = dz·W, d(weight) += dzᵀ·h
 and d(bias) += Σ dz, so memory holds one chunk's logits and their gradient, O(chunk × V), forward
-and backward. Every chunk is padded to the same number of rows (zero rows, thrown away), because
-matmul libraries round a row differently depending on how many rows the product has (a lone row
-takes a matrix-vector path): with one shape for every product, a row's result does not depend on
-the other rows of the call.
+and backward. Every product has a multiple of 64 rows (a short chunk is padded with zero rows,
+thrown away), because matmul libraries round a row differently in small products (a lone row
+takes a matrix-vector path); from 64 rows on, a row's result does not depend on the other rows of
+the product (checked in tests/test_linear_token_stats.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ MIN_CHUNK_ROWS = 64  # products of fewer rows take other code paths in BLAS libr
 
 
 def chunk_rows(vocab: int, chunk_size: Optional[int]) -> int:
-    return chunk_size if chunk_size is not None else max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
+    rows = chunk_size if chunk_size is not None else CHUNK_ELEMENTS // vocab
+    return max(MIN_CHUNK_ROWS, -(-rows // MIN_CHUNK_ROWS) * MIN_CHUNK_ROWS)  # a multiple of 64
+
+
+def _padded_rows(n: int) -> int:
+    """Rows of the product for n rows: a multiple of 64, at least 64."""
+    return max(MIN_CHUNK_ROWS, -(-n // MIN_CHUNK_ROWS) * MIN_CHUNK_ROWS)
 
 
 def _rows_that_count(n: int, mask: Optional[Tensor], device) -> Tensor:
@@ -69,8 +75,9 @@ def _linear_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: O
     tgt = None if target is None else target.reshape(-1)
     for a in range(0, len(index), chunk):
         which = index[a:a + chunk]
-        z = _logits(_chunk(rows[which], chunk), weight, bias)
-        t = None if tgt is None else _chunk(tgt[which], chunk)
+        padded = _padded_rows(len(which))
+        z = _logits(_chunk(rows[which], padded), weight, bias)
+        t = None if tgt is None else _chunk(tgt[which], padded)
         lp, ent, lse, _, _, row_max, log_norm = _impl(z).forward(z, t, None, inv_temperature,
                                                                  False, False)
         for out, value in zip(outs, (lp, ent, lse, row_max, log_norm)):
@@ -112,11 +119,12 @@ def _linear_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     for a in range(0, len(index), chunk):
         which = index[a:a + chunk]
         real = len(which)
-        h = _chunk(rows[which], chunk)
+        padded = _padded_rows(real)
+        h = _chunk(rows[which], padded)
         z = _logits(h, weight, bias)
 
         def part(t):
-            return None if t is None else _chunk(t[which], chunk)
+            return None if t is None else _chunk(t[which], padded)
 
         dz = _impl(z).backward(z, part(tgt), None, part(m_all), part(ln_all), part(h_all),
                                part(g_lp), part(g_h), part(g_lse), inv_temperature)
@@ -177,7 +185,7 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, target: Optional[Tensor] 
         bias: `[V]` or None.
         temperature, mask: as in `token_stats` (masked rows are not computed, give 0 and no
             gradient).
-        chunk_size: rows per chunk (default: about 2^23 logits, at least 64 rows).
+        chunk_size: rows per chunk, rounded up to a multiple of 64 (default: about 2^23 logits).
 
     Returns:
         TokenStats(logprob, entropy, lse), float32 `[...]` (float64 for float64 inputs),

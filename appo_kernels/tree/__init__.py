@@ -12,7 +12,8 @@ from appo_kernels import _backend
 from appo_kernels._checks import float_arg, tensor_arg
 from appo_kernels.tree.flex import flex_tree_attention
 from appo_kernels.tree.layout import TreeLayout
-from appo_kernels.tree.stats import tree_token_stats  # noqa: F401 (public)
+from appo_kernels.tree.stats import (tree_linear_token_stats,  # noqa: F401 (public)
+                                     tree_token_stats)
 
 ATTN_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 

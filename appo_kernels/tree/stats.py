@@ -11,6 +11,7 @@ from torch import Tensor
 
 from appo_kernels._checks import INDEX_DTYPES, tensor_arg
 from appo_kernels.token_stats import TokenStats, token_stats
+from appo_kernels.token_stats.linear import linear_token_stats
 from appo_kernels.tree.layout import TreeLayout
 
 
@@ -44,23 +45,66 @@ def tree_token_stats(logits: Tensor, layout: TreeLayout, token_ids: Tensor, *,
     if logits.shape[0] != n:
         raise ValueError(f"logits must have one row per layout token ({n}), got "
                          f"{tuple(logits.shape)}")
-    parent = layout.parent.to(logits.device)
+    scored, rows_needed, next_token = _rows_to_score(layout, token_ids, mask)
+    rows = token_stats(logits, next_token, temperature=temperature, mask=rows_needed,
+                       extras=extras)
+    return _per_token(rows, layout, token_ids, scored, temperature,
+                      lambda rows_, tokens: logits[rows_, tokens].float())
+
+
+def tree_linear_token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                            layout: TreeLayout, token_ids: Tensor, *, temperature: float = 1.0,
+                            mask: Optional[Tensor] = None) -> TokenStats:
+    """`tree_token_stats` of the logits `hidden @ weight.T + bias` without making them
+    (`linear_token_stats`): hidden [N, H] or [1, N, H], a tree forward's last hidden states."""
+    if hidden.dim() == 3 and hidden.shape[0] == 1:
+        hidden = hidden[0]
+    tensor_arg("hidden", hidden, ndim=2)
+    if not isinstance(layout, TreeLayout):
+        raise TypeError(f"layout must be a TreeLayout, got {type(layout).__name__}")
+    n = layout.n_tokens
+    tensor_arg("token_ids", token_ids, dtypes=INDEX_DTYPES, shape=(n,), like=hidden)
+    tensor_arg("mask", mask, dtypes=(torch.bool,), shape=(n,), like=hidden, optional=True)
+    if hidden.shape[0] != n:
+        raise ValueError(f"hidden must have one row per layout token ({n}), got "
+                         f"{tuple(hidden.shape)}")
+    scored, rows_needed, next_token = _rows_to_score(layout, token_ids, mask)
+    rows = linear_token_stats(hidden, weight, next_token, bias=bias, temperature=temperature,
+                              mask=rows_needed)
+
+    def logit(rows_, tokens):  # one logit per branch start, rounded as the product would be
+        z = (hidden[rows_].float() * weight[tokens].float()).sum(-1)
+        if bias is not None:
+            z = z + bias[tokens].float()
+        return z.to(hidden.dtype).float()
+
+    return _per_token(rows, layout, token_ids, scored, temperature, logit)
+
+
+def _rows_to_score(layout: TreeLayout, token_ids: Tensor, mask: Optional[Tensor]):
+    """(tokens scored, rows whose distribution is needed, the token after each row)."""
+    parent = layout.parent.to(token_ids.device)
     scored = parent >= 0 if mask is None else (parent >= 0) & mask
     # in DFS pre-order a row's first child is the next token: row p is scored against token p + 1,
     # and only the first tokens of branches (parent[t] != t - 1) need a second lookup into row p
-    rows_needed = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    rows_needed = torch.zeros(layout.n_tokens, dtype=torch.bool, device=token_ids.device)
     rows_needed[parent[scored]] = True
     next_token = torch.cat([token_ids[1:], token_ids.new_zeros(1)])
-    rows = token_stats(logits, next_token, temperature=temperature, mask=rows_needed,
-                       extras=extras)
+    return scored, rows_needed, next_token
 
+
+def _per_token(rows: TokenStats, layout: TreeLayout, token_ids: Tensor, scored: Tensor,
+               temperature: float, logit) -> TokenStats:
+    """Row statistics moved to the tokens they predict; `logit(rows, tokens)` gives the raw
+    logits of branch starts, whose token is not the row's next one."""
+    parent = layout.parent.to(token_ids.device)
     src = parent.clamp_min(0)
     fields = {name: torch.where(scored, value[src], 0.0)
               for name, value in rows._asdict().items() if value is not None and name != "logprob"}
     logprob = torch.cat([rows.logprob.new_zeros(1), rows.logprob[:-1]])  # row t - 1 predicts t
-    starts = layout.segment_starts().to(logits.device)
+    starts = layout.segment_starts().to(token_ids.device)
     starts = starts[scored[starts]]
-    z = logits[parent[starts], token_ids[starts]].float() * (1.0 / float(temperature))
+    z = logit(parent[starts], token_ids[starts]) * (1.0 / float(temperature))
     logprob = logprob.index_put((starts,), z - rows.lse[parent[starts]])
     fields["logprob"] = torch.where(scored, logprob, 0.0)
     return TokenStats(**fields)
