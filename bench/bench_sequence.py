@@ -14,6 +14,8 @@ masked in. Byte counts are the op's minimal traffic, the same for every provider
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -21,8 +23,10 @@ from appo_kernels import _backend
 from appo_kernels.scan import future_kl_scale, future_value
 
 ON_CUDA = torch.cuda.is_available()
-# bench/README.md: 768 sequences × 6144 tokens on a GPU; a smoke test on the CPU.
-SEQS, LENGTH = (768, 6144) if ON_CUDA else (8, 256)
+# bench/README.md: 768 sequences × 6144 tokens on a GPU; a smoke test on the CPU, or the CPU
+# ratios' shape with APPO_BENCH_CPU_SHAPES=1
+CPU_RATIOS = os.environ.get("APPO_BENCH_CPU_SHAPES", "0") not in ("", "0")
+SEQS, LENGTH = (768, 6144) if ON_CUDA else (64, 4096) if CPU_RATIOS else (8, 256)
 FUTURE_KL_GAMMA = 2 ** (-1 / 64)
 CLIP = (0.8, 1.2)
 F32, MASK_BYTES = 4, 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -45,6 +46,9 @@ ON_CUDA = torch.cuda.is_available()
 if ON_CUDA:
     TREE_SCALE, Q_HEADS, KV_HEADS, HEAD_DIM, DTYPE = 1.0, 32, 8, 128, torch.bfloat16
     CHECK_SCALE = 1 / 32  # the tree each provider is checked on before timing: N ≈ 1k–4k
+elif os.environ.get("APPO_BENCH_CPU_SHAPES", "0") not in ("", "0"):  # the CPU ratios
+    TREE_SCALE, Q_HEADS, KV_HEADS, HEAD_DIM, DTYPE = 1 / 16, 4, 2, 32, torch.float32
+    CHECK_SCALE = 1 / 256
 else:
     TREE_SCALE, Q_HEADS, KV_HEADS, HEAD_DIM, DTYPE = 1 / 128, 4, 2, 32, torch.float32
     CHECK_SCALE = 1 / 256
