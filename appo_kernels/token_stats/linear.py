@@ -21,7 +21,7 @@ from torch import Tensor
 
 from appo_kernels._checks import FLOAT_DTYPES, int_arg, tensor_arg
 
-CHUNK_ELEMENTS = 1 << 23  # logits per chunk by default (32 MiB in float32)
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk by default (16 MiB in float32)
 MIN_CHUNK_ROWS = 64  # products of fewer rows take other code paths in BLAS libraries
 
 
@@ -132,7 +132,10 @@ def _linear_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         if want[0]:
             grad_h[which] = (dz @ weight)[:real]
         if want[1]:
-            grad_w += (dz.T @ h).to(acc)
+            if dz.dtype == acc:
+                grad_w.addmm_(dz.T, h)  # no [V, H] temporary
+            else:
+                grad_w += (dz.T @ h).to(acc)
         if grad_b.numel():
             grad_b += dz.to(acc).sum(0)
     return (grad_h.reshape(hidden.shape) if want[0] else grad_h, grad_w.to(weight.dtype),
@@ -185,7 +188,7 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, target: Optional[Tensor] 
         bias: `[V]` or None.
         temperature, mask: as in `token_stats` (masked rows are not computed, give 0 and no
             gradient).
-        chunk_size: rows per chunk, rounded up to a multiple of 64 (default: about 2^23 logits).
+        chunk_size: rows per chunk, rounded up to a multiple of 64 (default: about 2^22 logits).
 
     Returns:
         TokenStats(logprob, entropy, lse), float32 `[...]` (float64 for float64 inputs),
