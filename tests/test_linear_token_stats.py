@@ -212,3 +212,31 @@ def test_bad_inputs_name_the_argument(message, error, build):
     hidden, weight, target, kwargs = build(h, w, b, t)
     with pytest.raises(error, match=message):
         linear_token_stats(hidden, weight, target, **kwargs)
+
+
+def test_tree_version_matches_tree_token_stats_on_the_product():
+    """tree_linear_token_stats equals tree_token_stats of hidden @ weight.T + bias, branch starts
+    (whose token is not the row's next one) included, values and gradients."""
+    from appo_kernels import TreeLayout, tree_linear_token_stats, tree_token_stats
+
+    seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 9, 8, 7], [1, 2, 6], [4, 4]]
+    layout, token_ids, _ = TreeLayout.from_sequences(seqs)
+    n = layout.n_tokens
+    h, w, b, _ = inputs(n, 8, 12)
+    mask = torch.rand(n) > 0.2
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    fused = tree_linear_token_stats(*leaves, layout, token_ids, temperature=0.9, mask=mask)
+    plain_leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    logits = plain_leaves[0] @ plain_leaves[1].T + plain_leaves[2]
+    plain = tree_token_stats(logits, layout, token_ids, temperature=0.9, mask=mask)
+    for name in ("logprob", "entropy", "lse"):
+        torch.testing.assert_close(getattr(fused, name), getattr(plain, name), atol=1e-5,
+                                   rtol=1e-5, msg=name)
+    weights = torch.randn(n)
+    got = torch.autograd.grad((fused.logprob * weights).sum() + fused.entropy.sum(), leaves)
+    want = torch.autograd.grad((plain.logprob * weights).sum() + plain.entropy.sum(),
+                               plain_leaves)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="hidden must have one row per layout token"):
+        tree_linear_token_stats(h[:-1], w, b, layout, token_ids)

@@ -75,29 +75,38 @@ def branched_sequences(vocab, generator):
     return prompts, responses
 
 
-def test_tree_and_unrolled_passes_agree_in_values_and_gradients(env):
-    torch.manual_seed(0)
-    model, _ = models.load_default()
-    model.float()
+def passes_of(model, settings: list[dict]):
+    """response_token_stats of one set of branched sequences under each keyword set, with the
+    model's gradients of a random weighting of the log-probs and entropies."""
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     prompts, responses = branched_sequences(model.config.vocab_size, generator)
     n = sum(len(r) for r in responses)
     w_lp, w_ent = torch.randn(n), torch.randn(n)
     results = []
-    for unrolled in (False, True):
+    for kwargs in settings:
         model.zero_grad()
-        stats = response_token_stats(model, prompts, responses, temperature=0.7,
-                                     unrolled=unrolled)
+        stats = response_token_stats(model, prompts, responses, temperature=0.7, **kwargs)
         ((stats.logprob * w_lp).sum() + (stats.entropy * w_ent).sum()).backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        results.append((stats, grads))
-    (tree, tree_grads), (flat, flat_grads) = results
-    assert tree.forward_tokens < sum(len(p) + len(r) for p, r in zip(prompts, responses))
-    torch.testing.assert_close(tree.cu_seqlens, flat.cu_seqlens)
-    torch.testing.assert_close(tree.logprob, flat.logprob, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(tree.entropy, flat.entropy, atol=2e-5, rtol=1e-5)
-    for a, b in zip(tree_grads, flat_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        results.append((stats, [p.grad.clone() for p in model.parameters()]))
+    return results, sum(len(p) + len(r) for p, r in zip(prompts, responses))
+
+
+def assert_same_pass(a, b):
+    (stats_a, grads_a), (stats_b, grads_b) = a, b
+    torch.testing.assert_close(stats_a.cu_seqlens, stats_b.cu_seqlens)
+    torch.testing.assert_close(stats_a.logprob, stats_b.logprob, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(stats_a.entropy, stats_b.entropy, atol=2e-5, rtol=1e-5)
+    for x, y in zip(grads_a, grads_b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_tree_and_unrolled_passes_agree_in_values_and_gradients(env):
+    torch.manual_seed(0)
+    model, _ = models.load_default()
+    model.float()
+    (tree, flat), unrolled_tokens = passes_of(model, [{"unrolled": False}, {"unrolled": True}])
+    assert tree[0].forward_tokens < unrolled_tokens
+    assert_same_pass(tree, flat)
 
 
 @pytest.mark.parametrize("unrolled", [False, True])
@@ -110,22 +119,9 @@ def test_the_fused_lm_head_gives_the_logits_paths_values_and_gradients(env, unro
     model, _ = models.load_default()
     model.float()
     assert fused_head(model) is not None
-    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    prompts, responses = branched_sequences(model.config.vocab_size, generator)
-    n = sum(len(r) for r in responses)
-    w_lp, w_ent = torch.randn(n), torch.randn(n)
-    results = []
-    for fused in (True, False):
-        model.zero_grad()
-        stats = response_token_stats(model, prompts, responses, temperature=0.7,
-                                     unrolled=unrolled, fused=fused)
-        ((stats.logprob * w_lp).sum() + (stats.entropy * w_ent).sum()).backward()
-        results.append((stats, [p.grad.clone() for p in model.parameters()]))
-    (fused_stats, fused_grads), (plain, plain_grads) = results
-    torch.testing.assert_close(fused_stats.logprob, plain.logprob, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(fused_stats.entropy, plain.entropy, atol=2e-5, rtol=1e-5)
-    for a, b in zip(fused_grads, plain_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    (fused, plain), _ = passes_of(model, [{"unrolled": unrolled, "fused": True},
+                                          {"unrolled": unrolled, "fused": False}])
+    assert_same_pass(fused, plain)
 
 
 def test_a_head_that_is_not_a_plain_linear_layer_keeps_the_logits_path(env):

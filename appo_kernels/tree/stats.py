@@ -34,17 +34,7 @@ def tree_token_stats(logits: Tensor, layout: TreeLayout, token_ids: Tensor, *,
         sequence through it: to match a sum over the unrolled sequences, weight token t by
         `torch.bincount(torch.cat(paths), minlength=N)[t]`.
     """
-    if logits.dim() == 3 and logits.shape[0] == 1:
-        logits = logits[0]
-    tensor_arg("logits", logits, ndim=2)
-    if not isinstance(layout, TreeLayout):
-        raise TypeError(f"layout must be a TreeLayout, got {type(layout).__name__}")
-    n = layout.n_tokens
-    tensor_arg("token_ids", token_ids, dtypes=INDEX_DTYPES, shape=(n,), like=logits)
-    tensor_arg("mask", mask, dtypes=(torch.bool,), shape=(n,), like=logits, optional=True)
-    if logits.shape[0] != n:
-        raise ValueError(f"logits must have one row per layout token ({n}), got "
-                         f"{tuple(logits.shape)}")
+    logits = _rows_of_tree("logits", logits, layout, token_ids, mask)
     scored, rows_needed, next_token = _rows_to_score(layout, token_ids, mask)
     rows = token_stats(logits, next_token, temperature=temperature, mask=rows_needed,
                        extras=extras)
@@ -57,17 +47,7 @@ def tree_linear_token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
                             mask: Optional[Tensor] = None) -> TokenStats:
     """`tree_token_stats` of the logits `hidden @ weight.T + bias` without making them
     (`linear_token_stats`): hidden [N, H] or [1, N, H], a tree forward's last hidden states."""
-    if hidden.dim() == 3 and hidden.shape[0] == 1:
-        hidden = hidden[0]
-    tensor_arg("hidden", hidden, ndim=2)
-    if not isinstance(layout, TreeLayout):
-        raise TypeError(f"layout must be a TreeLayout, got {type(layout).__name__}")
-    n = layout.n_tokens
-    tensor_arg("token_ids", token_ids, dtypes=INDEX_DTYPES, shape=(n,), like=hidden)
-    tensor_arg("mask", mask, dtypes=(torch.bool,), shape=(n,), like=hidden, optional=True)
-    if hidden.shape[0] != n:
-        raise ValueError(f"hidden must have one row per layout token ({n}), got "
-                         f"{tuple(hidden.shape)}")
+    hidden = _rows_of_tree("hidden", hidden, layout, token_ids, mask)
     scored, rows_needed, next_token = _rows_to_score(layout, token_ids, mask)
     rows = linear_token_stats(hidden, weight, next_token, bias=bias, temperature=temperature,
                               mask=rows_needed)
@@ -79,6 +59,22 @@ def tree_linear_token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
         return z.to(hidden.dtype).float()
 
     return _per_token(rows, layout, token_ids, scored, temperature, logit)
+
+
+def _rows_of_tree(name: str, rows: Tensor, layout, token_ids: Tensor, mask) -> Tensor:
+    """`rows` ([N, ·] or [1, N, ·]) as [N, ·], with the layout, token ids and mask checked."""
+    if rows.dim() == 3 and rows.shape[0] == 1:
+        rows = rows[0]
+    tensor_arg(name, rows, ndim=2)
+    if not isinstance(layout, TreeLayout):
+        raise TypeError(f"layout must be a TreeLayout, got {type(layout).__name__}")
+    n = layout.n_tokens
+    tensor_arg("token_ids", token_ids, dtypes=INDEX_DTYPES, shape=(n,), like=rows)
+    tensor_arg("mask", mask, dtypes=(torch.bool,), shape=(n,), like=rows, optional=True)
+    if rows.shape[0] != n:
+        raise ValueError(f"{name} must have one row per layout token ({n}), got "
+                         f"{tuple(rows.shape)}")
+    return rows
 
 
 def _rows_to_score(layout: TreeLayout, token_ids: Tensor, mask: Optional[Tensor]):
