@@ -2,17 +2,18 @@
 
     appo compare --config examples/calc_branching.yaml --seeds 0,1,2 --jobs 2 --out runs/cmp
 
-For every seed one warm start is trained and shared by all arms; every arm then trains from it
-with that seed, so the arms of a seed see the same prompts and sampler seeds at every step (the
-pairing). Evaluations are the config's (`data.val_size` held-out problems every
+For every seed one warm start is trained and shared by all arms (or one for all seeds, when the
+config sets `actor_rollout_ref.model.warm_start_seed`: then only the RL seeds vary); every arm
+then trains from it with that seed, so the arms of a seed see the same prompts and sampler seeds
+at every step (the pairing). Evaluations are the config's (`data.val_size` held-out problems every
 `trainer.test_freq` steps; the warm start's evaluation is every arm's step 0). Runs go to
 `OUT/runs/<arm>-s<seed>` (each a normal `appo train` run directory), `jobs` at a time, each on one
 torch thread; a run that already finished is skipped and one that stopped part-way resumes, so
 an interrupted comparison continues where it stopped.
 
-Results (`OUT/compare.md`, `compare.json`, `curves.png`): per arm the final accuracy and the area
-under the accuracy curve (its mean over the steps, trapezoidal), mean over seeds with a 95%
-t-interval; and per arm the paired difference from the baseline arm (GRPO), seed by seed, with
+Results (`OUT/compare.md`, `compare.json`, `curves.png`): per arm the final accuracy, its gain
+over the warm start (final − step 0) and the area under the accuracy curve (its mean over the
+steps, trapezoidal), mean over seeds with a 95% t-interval; and per arm the paired difference from the baseline arm (GRPO), seed by seed, with
 its 95% t-interval. With few seeds the intervals are wide; the table says which exclude 0.
 """
 
@@ -90,16 +91,25 @@ def run_finished(out: Path, total: int) -> bool:
                                  for r in read_metrics(path))
 
 
+def warm_start_name(config: Config, seed: int) -> str:
+    """The warm start a seed's arms train from: its own (`s<seed>`), or the one every seed
+    shares when the config fixes `actor_rollout_ref.model.warm_start_seed` (`w<that seed>`)."""
+    shared = config.model.warm_start_seed
+    return f"s{seed}" if shared is None else f"w{shared}"
+
+
 def plan(config: Config, config_file: Path, arms: Sequence[str], seeds: Sequence[int],
          out: Path) -> list[Job]:
-    """The warm start of each seed, then every arm × seed run from it."""
+    """The warm start of each seed (or the one they share), then every arm × seed run from it."""
     base = [sys.executable, "-m", "appo", "train", "--config", str(config_file), "--no-progress"]
     jobs = []
     for seed in seeds:
-        warm = out / "warm_start" / f"s{seed}"
-        jobs.append(Job(f"warm-start-s{seed}", warm, base + [
-            "--seed", str(seed), "--out", str(warm), "trainer.cpu_threads=1",
-            "trainer.total_training_steps=0"]))
+        name = warm_start_name(config, seed)
+        warm = out / "warm_start" / name
+        if not any(job.name == f"warm-start-{name}" for job in jobs):
+            jobs.append(Job(f"warm-start-{name}", warm, base + [
+                "--seed", str(seed), "--out", str(warm), "trainer.cpu_threads=1",
+                "trainer.total_training_steps=0"]))
         for arm in arms:
             run = out / "runs" / f"{arm}-s{seed}"
             overrides = [f"{key}={json.dumps(value)}" for key, value in ARMS[arm].items()]
@@ -107,7 +117,7 @@ def plan(config: Config, config_file: Path, arms: Sequence[str], seeds: Sequence
                 "--seed", str(seed), "--out", str(run), "trainer.cpu_threads=1",
                 f"actor_rollout_ref.model.path={warm / 'warm_start'}",
                 "actor_rollout_ref.model.warm_start_steps=0", "trainer.val_before_train=false",
-                *overrides], needs=f"warm-start-s{seed}"))
+                *overrides], needs=f"warm-start-{name}"))
     for job in jobs:
         total = 0 if job.name.startswith("warm-start") else config.trainer.total_training_steps
         if job.name.startswith("warm-start"):
@@ -166,13 +176,13 @@ def execute(jobs: list[Job], n_jobs: int, out: Path, write=print, progress: bool
         bar.close()
 
 
-def curves(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict:
+def curves(out: Path, arms: Sequence[str], seeds: Sequence[int], config: Config) -> dict:
     """{arm: {seed: (steps, accuracies)}}, step 0 from the seed's warm start."""
     from appo.report import METRICS_FILE, read_metrics
 
     result: dict = {}
     for seed in seeds:
-        path = out / "warm_start" / f"s{seed}" / METRICS_FILE
+        path = out / "warm_start" / warm_start_name(config, seed) / METRICS_FILE
         start = next((r["eval_accuracy"] for r in (read_metrics(path) if path.exists() else [])
                       if r["step"] == 0 and "eval_accuracy" in r), None)
         if start is None:  # the warm start did not finish: no run of this seed either
@@ -199,7 +209,9 @@ def summarise(data: dict, arms: Sequence[str], seeds: Sequence[int], total: int)
             continue
         final = [c[1][-1] for c in runs.values()]
         auc = [area_under_curve(*c) for c in runs.values()]
+        gain = [c[1][-1] - c[1][0] for c in runs.values()]
         summary["arms"][arm] = {"n": len(runs), "final": mean_ci(final), "auc": mean_ci(auc),
+                                "gain": mean_ci(gain),
                                 "final_by_seed": {s: c[1][-1] for s, c in runs.items()}}
     if BASELINE in finished:
         for arm in arms:
@@ -223,14 +235,15 @@ def table(summary: dict) -> str:
 
     lines = [f"{len(summary['seeds'])} seeds, {summary['steps']} steps; accuracy in points, "
              f"mean ± 95% t-interval half-width over seeds", "",
-             "| arm | runs | final accuracy | area under the curve | final − GRPO (paired) | "
-             "AUC − GRPO (paired) |", "|---|---|---|---|---|---|"]
+             "| arm | runs | final accuracy | final − start | area under the curve | "
+             "final − GRPO (paired) | AUC − GRPO (paired) |", "|---|---|---|---|---|---|---|"]
     for arm, row in summary["arms"].items():
         paired = summary["paired"].get(arm)
         diffs = ["-", "-"] if paired is None else [
             pct(paired["final"], True) + _resolved(paired["final"]),
             pct(paired["auc"], True) + _resolved(paired["auc"])]
-        lines.append(f"| {arm} | {row['n']} | {pct(row['final'])} | {pct(row['auc'])} | "
+        lines.append(f"| {arm} | {row['n']} | {pct(row['final'])} | "
+                     f"{pct(row['gain'], True)}{_resolved(row['gain'])} | {pct(row['auc'])} | "
                      f"{diffs[0]} | {diffs[1]} |")
     lines += ["", "(*: the interval excludes 0)"]
     return "\n".join(lines) + "\n"
@@ -283,7 +296,7 @@ def compare(config: Config, arms: Sequence[str], seeds: Sequence[int], out: Path
           f"{sum(j.state == DONE for j in jobs)} done already), {n_jobs} at a time, in {out}")
     started = time.monotonic()
     execute(jobs, n_jobs, out, write, progress)
-    data = curves(out, arms, seeds)
+    data = curves(out, arms, seeds, config)
     summary = summarise(data, arms, seeds, config.trainer.total_training_steps)
     summary["minutes"] = (time.monotonic() - started) / 60
     summary["failed"] = [job.name for job in jobs if job.state == "failed"]

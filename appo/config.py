@@ -52,6 +52,9 @@ class ModelConfig:
     # share of warm-start demonstrations that answer without the tool; None: the warm start's
     # default (appo.warmstart.WarmStartConfig)
     warm_start_direct_share: Optional[float] = None
+    # the seed of the warm start's demonstrations and batches; None: trainer.seed. Set, every
+    # seed of `appo compare` shares one warm start (RL seeds vary, the starting policy does not)
+    warm_start_seed: Optional[int] = None
 
 
 @dataclass
@@ -257,6 +260,8 @@ class Config:
             ("actor_rollout_ref.model.dtype", self.model.dtype in DTYPES, f"one of {DTYPES}"),
             ("actor_rollout_ref.model.warm_start_steps", self.model.warm_start_steps is None
              or self.model.warm_start_steps >= 0, "None or >= 0"),
+            ("actor_rollout_ref.model.warm_start_seed", self.model.warm_start_seed is None
+             or self.model.warm_start_seed >= 0, "None or >= 0"),
             ("trainer.device", _DEVICE_RE.fullmatch(self.trainer.device) is not None,
              "auto, cpu, cuda or cuda:N"),
             ("actor_rollout_ref.rollout.name", self.rollout.name != "vllm"

@@ -52,7 +52,8 @@ def warm_start_policy(model, tokenizer, task, config: Config, protocol, run: Run
         raise ValueError("actor_rollout_ref.model.warm_start_steps: the warm start's "
                          "demonstrations are written in the tags tool format, this run uses "
                          f"{protocol.name!r}; set warm_start_steps=0")
-    warm = replace(WarmStartConfig(), seed=config.trainer.seed)
+    seed = config.model.warm_start_seed
+    warm = replace(WarmStartConfig(), seed=config.trainer.seed if seed is None else seed)
     if config.model.warm_start_steps is not None:
         warm = replace(warm, steps=config.model.warm_start_steps)
     if config.model.warm_start_direct_share is not None:

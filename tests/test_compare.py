@@ -35,8 +35,23 @@ def test_summary_pairs_seeds_against_grpo():
     assert summary["arms"]["appo"]["n"] == 2  # seed 2 did not reach step 10
     paired = summary["paired"]["appo"]
     assert paired["n"] == 2 and paired["final"][0] == pytest.approx((0.2 + 0.1) / 2)
+    assert summary["arms"]["grpo"]["gain"][0] == pytest.approx((0.1 + 0.2 + 0.2) / 3)
     text = cmp.table(summary)
     assert "| appo | 2 |" in text and "+15.0 ±" in text
+    assert "| grpo | 3 | 33.3 ± 14.3 | +16.7 ± 14.3 * |" in text  # gain over the warm start
+
+
+def test_a_shared_warm_start_serves_every_seed(tmp_path):
+    config = apply_overrides(Config(), ["actor_rollout_ref.model.warm_start_seed=5"]).validate()
+    jobs = cmp.plan(config, tmp_path / "c.yaml", ["grpo", "appo"], [0, 1, 2], tmp_path)
+    warm = [job for job in jobs if job.name.startswith("warm-start")]
+    assert [job.name for job in warm] == ["warm-start-w5"] and len(jobs) == 1 + 2 * 3
+    assert all(job.needs == "warm-start-w5" for job in jobs[1:])
+    shared = str(tmp_path / "warm_start" / "w5" / "warm_start")
+    assert all(f"actor_rollout_ref.model.path={shared}" in job.args for job in jobs[1:])
+    assert {job.args[job.args.index("--seed") + 1] for job in jobs[1:]} == {"0", "1", "2"}
+    own = cmp.plan(Config(), tmp_path / "c.yaml", ["grpo"], [0, 1], tmp_path)
+    assert [job.name for job in own] == ["warm-start-s0", "grpo-s0", "warm-start-s1", "grpo-s1"]
 
 
 @pytest.fixture

@@ -150,6 +150,7 @@ def test_a_model_path_that_cannot_be_loaded_exits_with_2(tmp_path, capsys):
     (["actor_rollout_ref.actor.kl_loss_type=foo"], "kl_loss_type must be one of"),
     (["actor_rollout_ref.rollout.temperature=.inf"], "temperature' must be a finite number"),
     (["actor_rollout_ref.model.warm_start_steps=-5"], "warm_start_steps must be None or >= 0"),
+    (["actor_rollout_ref.model.warm_start_seed=-1"], "warm_start_seed must be None or >= 0"),
     (["actor_rollout_ref.model.dtype=foo"], "model.dtype must be one of"),
     (["--device", "tpu"], "trainer.device must be auto, cpu, cuda or cuda:N"),
     (["--task", "nope"], "data.task must be a registered task"),

@@ -370,6 +370,10 @@ def test_warm_start_options_reach_the_warm_start(tmp_path, env, monkeypatch):
                  "actor_rollout_ref.model.warm_start_direct_share=0.25", "trainer.seed=5"),
             log=lambda *_: None)
     assert seen == [appo.warmstart.WarmStartConfig(steps=3, direct_share=0.25, seed=5)]
+    Trainer(tiny(tmp_path / "run2", "actor_rollout_ref.model.warm_start_steps=3",
+                 "actor_rollout_ref.model.warm_start_seed=2", "trainer.seed=5"),
+            log=lambda *_: None)
+    assert seen[1].seed == 2  # a fixed warm start whatever the RL seed
 
 
 # ----------------------------------------------------------------------------------------------
