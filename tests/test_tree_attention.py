@@ -15,7 +15,18 @@ import pytest
 import torch
 
 from appo_kernels import _backend
-from appo_kernels.tree import TreeLayout, tree_attention
+from appo_kernels.tree import TreeLayout, reference, tree_attention
+from conftest import BACKENDS
+
+
+@pytest.fixture(params=BACKENDS + ["torch-tiled"])
+def backend(request, monkeypatch):
+    """Every backend available here (forced with APPO_BACKEND), and the torch path's tiled executor
+    (its fallback where the fused CPU kernels are missing, and its path for lse gradients)."""
+    name = "torch" if request.param == "torch-tiled" else request.param
+    monkeypatch.setenv("APPO_BACKEND", name)
+    monkeypatch.setattr(reference, "USE_FLASH", request.param != "torch-tiled")
+    return name
 
 # error bound relative to the largest magnitude of the expected tensor (outputs and gradients)
 # error bound relative to max|reference|. Low-precision kernels round P and dS to the input dtype
@@ -289,8 +300,9 @@ def test_deterministic_is_bitwise_reproducible(backend, device):
         assert torch.equal(a, b), f"{name} differs between two deterministic runs"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", ["random", "leaves_on_trunk"])
-def test_tree_results_do_not_depend_on_the_forest(backend, device, shape):
+def test_tree_results_do_not_depend_on_the_forest(backend, device, shape, dtype):
     """Batch invariance (docs/ops.md): a tree's outputs and deterministic gradients are bitwise the
     same alone and packed with other trees, and with and without autograd."""
     rng = seeded_rng()
@@ -303,7 +315,7 @@ def test_tree_results_do_not_depend_on_the_forest(backend, device, shape):
     packed, _, paths = TreeLayout.from_sequences(before + tree + after)
     where = torch.cat(paths[len(before):len(before) + len(tree)]).unique()  # the tree, packed
     assert torch.equal(where - where[0], torch.arange(alone.n_tokens))
-    q, k, v = random_qkv(packed.n_tokens, 2, 1, 32, torch.bfloat16, device)
+    q, k, v = random_qkv(packed.n_tokens, 2, 1, 32, dtype, device)
     grad_out = torch.randn(q.shape, device=device).to(q.dtype)
 
     def run(layout, index):
@@ -319,11 +331,13 @@ def test_tree_results_do_not_depend_on_the_forest(backend, device, shape):
         assert torch.equal(a[where], b), f"{name} of the tree changes when packed with others"
 
 
-def test_gradcheck_float64():
-    layout, _, _ = TreeLayout.from_sequences([[0, 1, 2, 3], [0, 1, 4], [5, 6]])
+@pytest.mark.parametrize("return_lse", [True, False])
+def test_gradcheck_float64(return_lse):
+    """With the lse's gradient the torch path runs its tiled executor, without it the fused one."""
+    layout, _, _ = TreeLayout.from_sequences([[0, 1, 2, 3], [0, 1, 4], [5, 6], [0, 7, 8, 9]])
     q, k, v = (torch.randn(layout.n_tokens, h, 4, dtype=torch.float64, requires_grad=True)
                for h in (2, 1, 1))
-    fn = lambda q, k, v: tree_attention(q, k, v, layout, return_lse=True)  # noqa: E731
+    fn = lambda q, k, v: tree_attention(q, k, v, layout, return_lse=return_lse)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
@@ -379,37 +393,45 @@ def test_triton_metadata_covers_exactly_the_ancestors():
         assert torch.equal(covered, torch.ones(n, dtype=torch.long))
 
 
-def test_reference_units_cover_exactly_the_ancestors():
-    """The reference's units: every token is a query of one unit, of at most UNIT_QUERIES
-    consecutive tokens of one tree; its keys are the ancestors of the unit's first query (visible
-    to all the unit's queries) and then its queries, so they hold every query's ancestors and what
-    the mask hides stays within the unit's own block (work follows the visible pairs)."""
-    from appo_kernels.tree import reference
-
+@pytest.mark.parametrize("small_tiles", [False, True])
+def test_torch_blocks_cover_exactly_the_visible_pairs(small_tiles, monkeypatch):
+    """The torch path's blocks (and the tiled executor's tiles): every visible (query, key) pair
+    in exactly one, no hidden pair outside a causal block's mask, blocks within one tree, and
+    no more blocks than segments plus branch points (setup linear in tokens)."""
+    if small_tiles:  # tiles cut keys, causal queries and dense queries at these trees' sizes
+        monkeypatch.setattr(reference, "BLOCK_KEYS", 16)
+        monkeypatch.setattr(reference, "CAUSAL_QUERIES", 4)
+        monkeypatch.setattr(reference, "BLOCK_SCORES", 64)
     rng = seeded_rng()
     for seqs in (random_sequences(rng, n_trees=3, max_tokens=400), branched_trunk(),
                  wide_tree(5, 150) + leaves_on_trunk(rng, 200, 60, offset=1000),
-                 [list(range(300))], [[0]]):
+                 [list(range(300))], [[0]], [[0], [1], [2]]):
         layout, _, _ = TreeLayout.from_sequences(seqs)
         meta = reference.metadata(layout)
         assert reference.metadata(layout) is meta and layout.cache["torch"] is meta
         n = layout.n_tokens
-        mask = layout.dense_mask()
+        visible = layout.dense_mask()
         tree = torch.cumsum(layout.parent < 0, 0)
-        seen = torch.zeros(n, dtype=torch.long)
-        for queries, keys in zip(meta[0::2], meta[1::2]):
-            for query_slots, key_slots in zip(queries.tolist(), keys.tolist()):
-                a, b = query_slots[0], query_slots[0] + sum(i < n for i in query_slots)
-                assert 0 < b - a <= reference.UNIT_QUERIES
-                assert query_slots == list(range(a, b)) + [n] * (len(query_slots) - (b - a))
-                ancestors = mask[a, :a].nonzero().flatten().tolist()
-                real_keys = ancestors + list(range(a, b))
-                assert key_slots == real_keys + [n] * (len(key_slots) - len(real_keys))
-                assert mask[a:b, real_keys].sum() == mask[a:b].sum(), "a visible key is missing"
-                assert mask[a:b, ancestors].all(), "an ancestor of a is hidden from the unit"
-                assert (tree[a:b] == tree[a]).all(), "a unit straddles trees"
-                seen[a:b] += 1
-        assert torch.equal(seen, torch.ones(n, dtype=torch.long))
+        segments = len(layout.segment_starts())
+        assert len(meta[0]) <= 2 * segments + n // 1000  # at most a segment and a branch point
+        for rows, kind in ((meta[0].tolist(), "block"),
+                           ([list(r) + [1] for r in reference.tiles(meta)], "tile")):
+            covered = torch.zeros(n, n, dtype=torch.long)
+            for qa, qb, ka, kb, causal, count in rows:
+                assert qa < qb and ka < kb and (qb - qa) % count == 0
+                length = (qb - qa) // count
+                for a in range(qa, qb, length):
+                    q0, q1, k0, k1 = (a, a + length, a, a + length) if count > 1 else (qa, qb, ka, kb)
+                    assert (tree[q0:q1] == tree[k0]).all() and (tree[k0:k1] == tree[k0]).all(), \
+                        f"a {kind} straddles trees"
+                    i = torch.arange(q0, q1)[:, None]
+                    j = torch.arange(k0, k1)[None, :]
+                    seen = ~(j > i) if causal else torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+                    assert visible[q0:q1, k0:k1][seen].all(), f"a {kind} sees a hidden pair"
+                    covered[q0:q1, k0:k1] += seen
+                    if kind == "tile" and small_tiles:
+                        assert k1 - k0 <= 16 and (q1 - q0) * (k1 - k0) <= max(64, 4 * (k1 - k0))
+            assert torch.equal(covered, visible.long()), f"{kind}s miss or repeat a visible pair"
 
 
 def test_torch_compile_fullgraph(backend, device):

@@ -66,12 +66,14 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, subtree_end, *meta)
     ctx.scale, ctx.deterministic, ctx.backend = scale, deterministic, backend
+    ctx.set_materialize_grads(False)  # an lse nobody used arrives as None, not as zeros
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, subtree_end, *meta = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     dq, dk, dv = _tree_attention_backward_op(
-        q, k, v, out, lse, grad_out.contiguous(), grad_lse, subtree_end, list(meta), ctx.scale,
+        q, k, v, out, lse, grad_out, grad_lse, subtree_end, list(meta), ctx.scale,
         ctx.deterministic, ctx.backend)
     return dq, dk, dv, None, [None] * len(meta), None, None, None
 

@@ -1,17 +1,28 @@
-"""Torch reference for `tree_attention`: the CPU implementation, float32 accumulation.
+"""Torch path of `tree_attention` (the CPU implementation), float32 accumulation.
 
-Work follows the visible pairs, not N² per tree. The forest is cut into *units*: contiguous query
-ranges [a, b) of at most UNIT_QUERIES tokens of one tree. In pre-order every ancestor of a token of
-[a, b) that precedes a is an ancestor of a, so a unit's keys are a's ancestors followed by [a, b),
-and key j is visible to query i iff j ≤ i ≤ subtree_end[j]. A unit only grows over tokens inside
-the subtree of a's parent, whose queries all see every ancestor of a: what the mask hides lies in
-the [a, b) block. Units of one tree with the same padded shape form a batch of dense attention
-(G units × Lq queries × Lk keys); padded slots read a zero *null row* appended to every input
-(index N).
+Work follows the visible pairs, every tensor it reads is a contiguous range of tokens (no key is
+gathered) and no mask is built beyond a causal tile.
 
-Batch invariance: units, their padding and their batches depend only on their tree, and a tree's
-batches run, and add into dk/dv, in one order whatever else is packed with it, so a tree gives
-bitwise the same result alone and packed with others.
+**Blocks.** Cut the forest into *segments*, maximal runs [s, e) where every token's parent is the
+token before it. Query i sees key j iff j ≤ i ≤ subtree_end[j], so:
+- a segment's own queries see it causally: the block `(s, e, s, e, causal)`;
+- a token t of a segment that has children other than t + 1 is a *branch point*: the subtrees of
+  those children are the contiguous range (end of t + 1's subtree, subtree_end[t]] (all of
+  (t, subtree_end[t]] when t ends its segment), and they see exactly [s, t] of the segment, with
+  no mask: the block `(that range, s, t + 1, dense)`.
+A token's ancestors are the prefixes of the segments on its path, each of them one such block,
+so the blocks cover every visible pair exactly once. There are at most as many as segments plus
+branch points (the metadata: `[blocks, 5]` rows, linear in tokens, built in vectorised passes),
+ordered by their first key, so that the blocks of a tree run, and accumulate, in one order whatever
+else is packed with it (a tree gives bitwise the same result alone and packed with others).
+
+**Executors.** Each block runs through PyTorch's fused CPU flash-attention kernels
+(`aten::_scaled_dot_product_flash_attention_for_cpu` and its backward, which return and take the
+log-sum-exp), and the blocks of a query are merged by their log-sum-exps; the backward hands each
+block the merged output and log-sum-exp, which makes the block's share of dq, dk and dv exact.
+Where those kernels are missing, off the CPU, or when the caller wants the gradient of the lse,
+the *tiled* executor runs instead: plain matmuls on tiles of at most BLOCK_KEYS keys and
+BLOCK_SCORES scores per head (causal tiles of CAUSAL_QUERIES queries) with an online softmax.
 """
 
 from __future__ import annotations
@@ -19,85 +30,79 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from appo_kernels._backend import new_output
-from appo_kernels.tree.layout import TreeLayout, _kth_ancestor, _ragged_ranks
+from appo_kernels.tree.layout import TreeLayout
 
-UNIT_QUERIES = 64  # queries per unit at most: bounds the masked [a, b) × [a, b) block
-PAD_BITS = 3  # unit sizes are padded to 3 significant bits (< 25% padding) so that units batch
-BATCH_ELEMENTS = 1 << 24  # scores plus gathered rows of one batch (64 MB of float32)
+CAUSAL_QUERIES = 64  # queries per causal tile (tiled executor): bounds the masked diagonal
+BLOCK_KEYS = 1024  # keys per tile at most (tiled executor)
+BLOCK_SCORES = 1 << 18  # scores per head of one tile at most (1 MiB of float32)
+USE_FLASH = True  # the fused CPU kernels where they exist (tests switch them off)
 
 
 # ------------------------------------------------------------------------------------------------
-# metadata: units, computed once per layout
-
-
-def _unit_starts(layout: TreeLayout) -> Tensor:
-    """First query of every unit, ascending (units partition [0, N)): a loop over chain segments,
-    whose tokens all lie in the subtree of the segment's first token."""
-    parent, subtree_end = layout.parent.tolist(), layout.subtree_end.tolist()
-    starts = layout.segment_starts().tolist()
-    cuts: list[int] = []
-    a, limit = 0, -1  # current unit's start, and the end of its parent's subtree
-
-    def cut(at):
-        nonlocal a, limit
-        cuts.append(at)
-        a, limit = at, subtree_end[parent[at] if parent[at] >= 0 else at]  # a root: its tree
-
-    for s, e in zip(starts, starts[1:] + [layout.n_tokens]):
-        if s > limit:  # the segment leaves the subtree of the unit's parent
-            cut(s)
-        while a + UNIT_QUERIES < e:
-            cut(a + UNIT_QUERIES)
-    return torch.tensor(cuts, dtype=torch.long, device=layout.device)
-
-
-def _padded(size: Tensor) -> Tensor:
-    """Round up to PAD_BITS significant bits."""
-    bits = torch.floor(torch.log2(size.double())).long() + 1
-    step = 1 << (bits - PAD_BITS).clamp_min(0)
-    return (size + step - 1) // step * step
+# metadata: blocks, computed once per layout
 
 
 def metadata(layout: TreeLayout) -> list[Tensor]:
-    """Per batch: query indices [G, Lq] and key indices [G, Lk] (N in padded slots), in the order
-    the batches run; cached in layout.cache."""
+    """[blocks, 6] int64 rows (qa, qb, ka, kb, causal, count) on the CPU, ordered by first key,
+    causal first; consecutive causal blocks of one tree that are adjacent and equally long form
+    one row of `count` blocks (one batched call). Cached in layout.cache."""
     if "torch" in layout.cache:
         return layout.cache["torch"]
-    n, parent = layout.n_tokens, layout.parent
-    first = _unit_starts(layout)
-    n_queries = torch.diff(first, append=first.new_full((1,), n))
-    n_ancestors = layout.depth[first]
-    tree = torch.cumsum(parent < 0, 0)[first]
-    lq, lk = _padded(n_queries), _padded(n_ancestors + n_queries)
-    # batch key: tree, then padded shape; stable, so a batch keeps its units in pre-order
-    batch_key = (tree * (UNIT_QUERIES + 1) + lq) * (int(lk.max()) + 1) + lk
-    order = torch.argsort(batch_key, stable=True)
-    first, n_queries, n_ancestors, lq, lk = (x[order] for x in (first, n_queries, n_ancestors,
-                                                                 lq, lk))
-    _, counts = torch.unique_consecutive(batch_key[order], return_counts=True)
-
-    unit, row = _ragged_ranks(lq)
-    queries = torch.where(row < n_queries[unit], first[unit] + row, n)
-    unit, slot = _ragged_ranks(lk)
-    ancestors = n_ancestors[unit]
-    # slots [0, A) hold the ancestors of the unit's first query, root first, then the queries
-    ancestor = _kth_ancestor(parent, first[unit], (ancestors - slot).clamp_min(0))
-    keys = torch.where(slot < ancestors, ancestor, first[unit] + slot - ancestors)
-    keys = torch.where(slot < ancestors + n_queries[unit], keys, n)
-
-    last = torch.cumsum(counts, 0) - 1  # one unit of each batch, to read the batch's shape
-    meta = []
-    for q_part, k_part, rows, slots in zip(queries.split((counts * lq[last]).tolist()),
-                                           keys.split((counts * lk[last]).tolist()),
-                                           lq[last].tolist(), lk[last].tolist()):
-        meta += [q_part.view(-1, rows), k_part.view(-1, slots)]
+    n, parent, end = layout.n_tokens, layout.parent, layout.subtree_end
+    index = torch.arange(n, device=parent.device)
+    new = parent != index - 1
+    new[0] = True  # token 0's parent is −1
+    starts = index[new]
+    stops = torch.cat([starts[1:], starts.new_full((1,), n)])
+    segment_start = torch.cummax(torch.where(new, index, 0), 0).values
+    # t + 1 continues t's segment: later children start after its subtree; else after t
+    follows = torch.zeros(n, dtype=torch.bool, device=parent.device)
+    follows[:-1] = parent[1:] == index[:-1]
+    first_other = torch.where(follows, end.roll(-1), index) + 1
+    branch = index[end >= first_other]
+    causal = torch.stack([starts, stops, starts, stops, torch.ones_like(starts)], 1)
+    dense = torch.stack([first_other[branch], end[branch] + 1, segment_start[branch],
+                         branch + 1, torch.zeros_like(branch)], 1)
+    rows = torch.cat([causal, dense])
+    rows = rows[torch.argsort(rows[:, 2] * 2 + (1 - rows[:, 4]), stable=True)].tolist()
+    tree = torch.cumsum(parent < 0, 0).tolist()
+    grouped: list[list[int]] = []
+    for qa, qb, ka, kb, is_causal in rows:
+        last = grouped[-1] if grouped else None
+        if (is_causal and last is not None and last[4] and last[1] == qa
+                and (last[1] - last[0]) == (qb - qa) * last[5] and tree[last[0]] == tree[qa]):
+            last[1] = last[3] = qb
+            last[5] += 1
+        else:
+            grouped.append([qa, qb, ka, kb, is_causal, 1])
+    meta = [torch.tensor(grouped, dtype=torch.long).view(-1, 6)]
     layout.cache["torch"] = meta
     return meta
 
 
+def tiles(meta):
+    """The tiled executor's (qa, qb, ka, kb, causal) of every block, in the blocks' order: key
+    chunks of BLOCK_KEYS; a causal block by CAUSAL_QUERIES queries (keys up to the tile's last,
+    masked only in the chunk that reaches the tile), a dense one by BLOCK_SCORES / keys queries."""
+    for qa, qb, ka, kb, causal, count in meta[0].tolist():
+        if causal:
+            length = (qb - qa) // count
+            for start in range(qa, qb, length):
+                for q0 in range(start, start + length, CAUSAL_QUERIES):
+                    q1 = min(q0 + CAUSAL_QUERIES, start + length)
+                    for k0 in range(start, q1, BLOCK_KEYS):
+                        k1 = min(k0 + BLOCK_KEYS, q1)
+                        yield q0, q1, k0, k1, k1 > q0
+        else:
+            for k0 in range(ka, kb, BLOCK_KEYS):
+                k1 = min(k0 + BLOCK_KEYS, kb)
+                step = max(CAUSAL_QUERIES, BLOCK_SCORES // (k1 - k0))
+                for q0 in range(qa, qb, step):
+                    yield q0, min(q0 + step, qb), k0, k1, False
+
+
 # ------------------------------------------------------------------------------------------------
-# attention over units, heads first: [Hkv, N + 1, ...] with the null row last
+# layouts: queries [group, Hkv, N, D], keys and values [Hkv, N, D], accumulation dtype
 
 
 def _acc_dtype(x):
@@ -105,122 +110,166 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _head_major(x: Tensor, dtype) -> Tensor:
-    """x [N, Hkv, ...] as [Hkv, N + 1, ...] in `dtype`, the null row zero."""
-    out = x.new_empty((x.shape[1], x.shape[0] + 1) + x.shape[2:], dtype=dtype)
-    out[:, :-1] = x.transpose(0, 1)
-    out[:, -1] = 0
-    return out
+def _grouped(x: Tensor, n_kv: int, acc) -> Tensor:
+    """Per-query-head x [N, Hq, ...] as [group, Hkv, N, ...] in `acc`: a view where x already is
+    in `acc` (both executors read strided inputs), else a copy."""
+    n, n_heads = x.shape[:2]
+    x = x.reshape((n, n_kv, n_heads // n_kv) + x.shape[2:])
+    return x.movedim(0, 2).movedim(1, 0).to(acc)
 
 
-def _token_major(x: Tensor, n: int) -> Tensor:
-    """[Hkv, N + 1, group, ...] -> [N, Hkv·group, ...] without the null row."""
-    return x[:, :n].transpose(0, 1).flatten(1, 2)
+def _kv(x: Tensor, acc) -> Tensor:
+    """k or v [N, Hkv, D] as [Hkv, N, D] in `acc` (a view where x is in `acc`)."""
+    return x.transpose(0, 1).to(acc)
 
 
-def _rows(x: Tensor, index: Tensor) -> Tensor:
-    """x[:, index] for x [Hkv, N + 1, ...] and index [G, L]: [Hkv, G, L, ...]."""
-    return x.index_select(1, index.flatten()).unflatten(1, index.shape)
+def _ungrouped(x: Tensor) -> Tensor:
+    """[group, Hkv, N, ...] -> [N, Hq, ...] (query head = kv head · group + g)."""
+    return x.movedim(1, 0).movedim(2, 0).flatten(1, 2)
 
 
-def _query_rows(x: Tensor, queries: Tensor) -> Tensor:
-    """Per-query values x [Hkv, N + 1, group] as a column [Hkv, G, Lq·group, 1] of the scores."""
-    return _rows(x, queries).flatten(2)[..., None]
-
-
-def _put_rows(dst: Tensor, queries: Tensor, rows: Tensor) -> None:
-    """dst[:, queries] = rows for dst [Hkv, N + 1, group, ...] and rows [Hkv, G, Lq·group, ...]
-    (the null row keeps whichever padded query slot wrote last)."""
-    dst.index_copy_(1, queries.flatten(), rows.reshape((dst.shape[0], -1) + dst.shape[2:]))
-
-
-def _add_rows(dst: Tensor, keys: Tensor, rows: Tensor) -> None:
-    """dst[keys] += rows for dst [N + 1, Hkv, D] and rows [Hkv, G, Lk, D], repeated keys summed
-    in order: index_add_ is sequential on the CPU but uses atomics on CUDA, where index_put_ with
-    accumulate sorts instead."""
-    keys, rows = keys.flatten(), rows.flatten(1, 2).transpose(0, 1).contiguous()
-    if dst.is_cuda:
-        dst.index_put_((keys,), rows, accumulate=True)
-    else:
-        dst.index_add_(0, keys, rows)
-
-
-def _batches(meta, n_heads: int, n_kv: int, head_dim: int):
-    """(queries, keys) index blocks of at most BATCH_ELEMENTS scores and gathered rows."""
-    for queries, keys in zip(meta[0::2], meta[1::2]):
-        lq, lk = queries.shape[1], keys.shape[1]
-        per_unit = lq * lk * n_heads + (lq * n_heads + 2 * lk * n_kv) * head_dim
-        step = max(1, BATCH_ELEMENTS // per_unit)
-        for g in range(0, queries.shape[0], step):
-            yield queries[g:g + step], keys[g:g + step]
-
-
-def _inputs(q, k, v, subtree_end, scale):
-    """Scaled queries [Hkv, N + 1, group, D], keys and values [Hkv, N + 1, D], and subtree_end
-    with the null row's (N: visible to no real query)."""
-    n, n_heads, head_dim = q.shape
-    n_kv = k.shape[1]
-    acc = _acc_dtype(q)
-    qh = _head_major(q.view(n, n_kv, n_heads // n_kv, head_dim), acc).mul_(scale)
-    end = torch.cat([subtree_end, subtree_end.new_full((1,), n)])
-    return qh, _head_major(k, acc), _head_major(v, acc), end
-
-
-def _scores(qh, kh, subtree_end, queries, keys):
-    """Masked scores [Hkv, G, Lq·group, Lk] of a batch of units (rows query-major), with the
-    batch's queries [Hkv, G, Lq·group, D] and keys [Hkv, G, Lk, D]."""
-    q, k = _rows(qh, queries).flatten(2, 3), _rows(kh, keys)
-    scores = q @ k.transpose(-1, -2)
-    i, j = queries[:, :, None], keys[:, None, :]
-    hidden = (j > i) | (i > subtree_end[keys][:, None, :])  # [G, Lq, Lk]
-    scores.unflatten(2, (queries.shape[1], -1)).masked_fill_(hidden[:, :, None], float("-inf"))
-    return scores, q, k
+def _flash(q: Tensor, grad_lse) -> bool:
+    return (USE_FLASH and grad_lse is None and q.device.type == "cpu"
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
 
 
 def forward(q, k, v, subtree_end, meta, scale):
-    n, n_heads, head_dim = q.shape
+    acc = _acc_dtype(q)
+    if _flash(q, None):
+        out, lse = _forward_flash(q.to(acc), k.to(acc), v.to(acc), meta, scale)
+        return out.to(q.dtype), lse
     n_kv = k.shape[1]
-    qh, kh, vh, end = _inputs(q, k, v, subtree_end, scale)
-    out = new_output(qh.shape[:3] + v.shape[2:], qh.dtype, q.device)
-    lse = new_output(qh.shape[:3], qh.dtype, q.device)
-    for queries, keys in _batches(meta, n_heads, n_kv, head_dim):
-        scores, _, _ = _scores(qh, kh, end, queries, keys)
-        p = torch.softmax(scores, -1)  # NaN only in padded query slots that see no key
-        _put_rows(out, queries, p @ _rows(vh, keys))
-        # lse = s − log p at the row's maximum, where p ≥ 1/Lk is far from underflow
-        _put_rows(lse, queries, scores.amax(-1) - p.amax(-1).log())
-    return _token_major(out, n).to(q.dtype), _token_major(lse, n).t().contiguous()
+    out, lse = _forward_tiled(_grouped(q, n_kv, acc), _kv(k, acc), _kv(v, acc), meta, scale)
+    return _ungrouped(out).to(q.dtype), lse.transpose(0, 1).flatten(0, 1)
 
 
 def backward(q, k, v, out, lse, grad_out, grad_lse, subtree_end, meta, scale, deterministic):
     """dq, dk, dv from upstream gradients of the output and (optionally) of lse; always
-    deterministic.
-
-    With P = softmax(S): dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O) + dlse), dQ = scale·dS K,
-    dK = scale·dSᵀ Q, and dK, dV summed over the query heads that share a key head (GQA).
-    """
-    n, n_heads, head_dim = q.shape
+    deterministic (the blocks run and accumulate in one order)."""
+    acc = _acc_dtype(q)
+    if _flash(q, grad_lse):
+        dq, dk, dv = _backward_flash(q.to(acc), k.to(acc), v.to(acc), out.to(acc), lse,
+                                     grad_out.to(acc), meta, scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     n_kv = k.shape[1]
-    qh, kh, vh, end = _inputs(q, k, v, subtree_end, scale)
-    acc = qh.dtype
-    doh = _head_major(grad_out.view(n, n_kv, -1, grad_out.shape[2]), acc)
-    row_term = (grad_out.to(acc) * out.to(acc)).sum(-1)  # rowsum(dO ⊙ O) − dlse, [N, H]
-    if grad_lse is not None:
-        row_term = row_term - grad_lse.t().to(acc)
-    row_term = _head_major(row_term.view(n, n_kv, -1), acc)
-    # the null row's lse 0 makes its P 0 wherever its scores are masked
-    lse = _head_major(lse.t().view(n, n_kv, -1), acc)
-    dq = new_output(qh.shape, acc, q.device)
-    dk = torch.zeros((n + 1,) + k.shape[1:], dtype=acc, device=k.device)
-    dv = torch.zeros((n + 1,) + v.shape[1:], dtype=acc, device=v.device)
-    for queries, keys in _batches(meta, n_heads, n_kv, head_dim):
-        scores, q_rows, k_rows = _scores(qh, kh, end, queries, keys)
-        p = scores.sub_(_query_rows(lse, queries)).exp_()
-        do = _rows(doh, queries).flatten(2, 3)
-        dp = do @ _rows(vh, keys).transpose(-1, -2)
-        ds = dp.sub_(_query_rows(row_term, queries)).mul_(p)
-        _put_rows(dq, queries, ds @ k_rows)
-        _add_rows(dk, keys, ds.transpose(-1, -2) @ q_rows)
-        _add_rows(dv, keys, p.transpose(-1, -2) @ do)
-    dq = _token_major(dq, n) * scale
-    return dq.to(q.dtype), dk[:n].to(k.dtype), dv[:n].to(v.dtype)
+    qh, kh, vh = _grouped(q, n_kv, acc), _kv(k, acc), _kv(v, acc)
+    outh, doh = _grouped(out, n_kv, acc), _grouped(grad_out, n_kv, acc)
+    lseh = _grouped(lse.t(), n_kv, acc)
+    dlse = None if grad_lse is None else _grouped(grad_lse.t(), n_kv, acc)
+    dq, dk, dv = _backward_tiled(qh, kh, vh, outh, lseh, doh, dlse, meta, scale)
+    return (_ungrouped(dq).to(q.dtype), dk.transpose(0, 1).to(k.dtype),
+            dv.transpose(0, 1).to(v.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# the flash executor: one fused call per row of blocks, on views of the token-major tensors
+# (the kernels read strided inputs and map query head h to key head h // group themselves)
+
+
+def _view(x: Tensor, a: int, b: int, count: int) -> Tensor:
+    """Tokens [a, b) of x [N, H, D] as `count` blocks: [count, H, (b − a) / count, D]."""
+    return x[a:b].unflatten(0, (count, -1)).transpose(1, 2)
+
+
+def _lse_view(x: Tensor, a: int, b: int, count: int) -> Tensor:
+    """Tokens [a, b) of x [H, N] as [count, H, (b − a) / count]."""
+    return x[:, a:b].unflatten(1, (count, -1)).transpose(0, 1)
+
+
+def _forward_flash(q, k, v, meta, scale):
+    attend = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out = torch.zeros(q.shape[:2] + v.shape[2:], dtype=q.dtype)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=q.dtype)
+    for qa, qb, ka, kb, causal, count in meta[0].tolist():
+        o, m = attend(_view(q, qa, qb, count), _view(k, ka, kb, count), _view(v, ka, kb, count),
+                      0.0, bool(causal), scale=scale)
+        old = _lse_view(lse, qa, qb, count)
+        new = torch.logaddexp(old, m)  # the first block of a row: its own lse
+        _view(out, qa, qb, count).mul_(old.sub_(new).exp_()[..., None]).add_(
+            o.mul_(m.sub_(new).exp_()[..., None]))
+        old.copy_(new)
+    return out, lse
+
+
+def _backward_flash(q, k, v, out, lse, do, meta, scale):
+    attend_back = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for qa, qb, ka, kb, causal, count in meta[0].tolist():
+        # with the merged out and lse, the kernel's P and rowsum(dO ⊙ O) are the whole row's
+        grads = attend_back(_view(do, qa, qb, count), _view(q, qa, qb, count),
+                            _view(k, ka, kb, count), _view(v, ka, kb, count),
+                            _view(out, qa, qb, count), _lse_view(lse, qa, qb, count), 0.0,
+                            bool(causal), scale=scale)
+        for total, grad, (a, b) in zip((dq, dk, dv), grads, ((qa, qb), (ka, kb), (ka, kb))):
+            _view(total, a, b, count).add_(grad)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# the tiled executor: matmuls on tiles with an online softmax
+
+
+def _rows(x: Tensor, a: int, b: int) -> Tensor:
+    """Tokens [a, b) of x [group, Hkv, N, ...] as [Hkv, group·R, last], always a copy."""
+    rows = x[:, :, a:b].transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])
+    same = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    return rows.clone() if same else rows  # one group or one token: reshape gave a view
+
+
+def _scores(qh, kh, qa, qb, ka, kb, causal, scale):
+    """Scores [Hkv, group·R, L] of one tile (rows group-major), keys after their query hidden in
+    a causal tile; and the tile's queries."""
+    q = _rows(qh, qa, qb)
+    scores = (q @ kh[:, ka:kb].transpose(-1, -2)).mul_(scale)
+    if causal:
+        i = torch.arange(qa, qb, device=q.device)
+        j = torch.arange(ka, kb, device=q.device)
+        hidden = j[None, :] > i[:, None]  # [R, L], broadcast over the group
+        scores.view(scores.shape[0], qh.shape[0], qb - qa, kb - ka).masked_fill_(
+            hidden, float("-inf"))
+    return scores, q
+
+
+def _put(x: Tensor, a: int, b: int, rows: Tensor) -> None:
+    """x[:, :, a:b] = rows, for rows [Hkv, group·R, ...] as `_rows` made them."""
+    x[:, :, a:b] = rows.view((x.shape[1], x.shape[0], b - a) + rows.shape[2:]).transpose(0, 1)
+
+
+def _forward_tiled(qh, kh, vh, meta, scale):
+    shape = qh.shape[:3]
+    out = torch.zeros(shape + vh.shape[2:], dtype=qh.dtype, device=qh.device)
+    row_max = torch.full(shape, float("-inf"), dtype=qh.dtype, device=qh.device)
+    row_sum = torch.zeros(shape, dtype=qh.dtype, device=qh.device)
+    for qa, qb, ka, kb, causal in tiles(meta):
+        scores, _ = _scores(qh, kh, qa, qb, ka, kb, causal, scale)
+        m_old = _rows(row_max[..., None], qa, qb)[..., 0]
+        m_new = torch.maximum(m_old, scores.amax(-1))  # finite: every row sees a key
+        p = scores.sub_(m_new[..., None]).exp_()
+        alpha = (m_old - m_new).exp_()  # 0 on a row's first tile
+        sums = _rows(row_sum[..., None], qa, qb)[..., 0].mul_(alpha).add_(p.sum(-1))
+        o = _rows(out, qa, qb).mul_(alpha[..., None]).baddbmm_(p, vh[:, ka:kb])
+        _put(row_max, qa, qb, m_new)
+        _put(row_sum, qa, qb, sums)
+        _put(out, qa, qb, o)
+    return out.div_(row_sum[..., None]), row_max.add_(row_sum.log_())
+
+
+def _backward_tiled(qh, kh, vh, out, lse, do, dlse, meta, scale):
+    """With P = softmax(S): dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O) + dlse), dQ = scale·dS K,
+    dK = scale·dSᵀ Q, and dK, dV summed over the query heads that share a key head (GQA)."""
+    row_term = (do * out).sum(-1)  # rowsum(dO ⊙ O) − dlse
+    if dlse is not None:
+        row_term -= dlse
+    dq = torch.zeros_like(qh)
+    dk, dv = torch.zeros_like(kh), torch.zeros_like(vh)
+    for qa, qb, ka, kb, causal in tiles(meta):
+        scores, q_rows = _scores(qh, kh, qa, qb, ka, kb, causal, scale)
+        p = scores.sub_(_rows(lse[..., None], qa, qb)).exp_()  # masked: exp(−inf) = 0
+        do_rows = _rows(do, qa, qb)
+        ds = (do_rows @ vh[:, ka:kb].transpose(-1, -2)).sub_(
+            _rows(row_term[..., None], qa, qb)).mul_(p)
+        dq[:, :, qa:qb] += (ds @ kh[:, ka:kb]).mul_(scale).view(
+            dq.shape[1], dq.shape[0], qb - qa, -1).transpose(0, 1)
+        dk[:, ka:kb].baddbmm_(ds.transpose(-1, -2), q_rows, alpha=scale)
+        dv[:, ka:kb].baddbmm_(p.transpose(-1, -2), do_rows)
+    return dq, dk, dv
