@@ -458,3 +458,19 @@ def test_zero_heads_or_head_dim_is_an_error():
     layout = TreeLayout.from_parents([-1, 0])
     with pytest.raises(ValueError, match="at least one head of dimension >= 1"):
         tree_attention(torch.randn(2, 2, 0), torch.randn(2, 1, 0), torch.randn(2, 1, 0), layout)
+
+
+def test_the_cpu_runs_the_fused_kernels(monkeypatch):
+    """On this torch the CPU path's probe finds the fused kernels and forward and backward use
+    them (were the probe to fail, the tiled executor would run: slower, equally right)."""
+    assert reference._flash_kernels_work()
+
+    def tiled(*args):
+        raise AssertionError("the tiled executor ran")
+
+    monkeypatch.setattr(reference, "_forward_tiled", tiled)
+    monkeypatch.setattr(reference, "_backward_tiled", tiled)
+    layout, _, _ = TreeLayout.from_sequences([[0, 1, 2, 3], [0, 1, 4, 5], [6, 7]])
+    q, k, v = (torch.randn(layout.n_tokens, h, 8, requires_grad=True) for h in (4, 2, 2))
+    tree_attention(q, k, v, layout).sum().backward()
+    assert all(t.grad is not None for t in (q, k, v))

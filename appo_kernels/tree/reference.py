@@ -27,6 +27,8 @@ BLOCK_SCORES scores per head (causal tiles of CAUSAL_QUERIES queries) with an on
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -129,8 +131,31 @@ def _ungrouped(x: Tensor) -> Tensor:
 
 
 def _flash(q: Tensor, grad_lse) -> bool:
-    return (USE_FLASH and grad_lse is None and q.device.type == "cpu"
-            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
+    return USE_FLASH and grad_lse is None and q.device.type == "cpu" and _flash_kernels_work()
+
+
+@functools.cache
+def _flash_kernels_work() -> bool:
+    """Whether this torch's fused CPU kernels exist and do what the flash executor relies on:
+    strided views, query heads sharing key heads (GQA), the log-sum-exp; probed once."""
+    aten = torch.ops.aten
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, heads, 4, generator=gen, dtype=torch.float64) for heads in (4, 2, 2))
+    views = [x[1:5].unflatten(0, (2, 2)).transpose(1, 2) for x in (q, k, v)]  # [2, H, 2, 4]
+    try:
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(*views, 0.0, True, scale=0.5)
+        grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            torch.ones_like(out), *views, out, lse, 0.0, True, scale=0.5)
+    except RuntimeError:
+        return False
+    keys, values = (x.repeat_interleave(2, 1) for x in views[1:])
+    scores = (views[0] @ keys.transpose(-1, -2) * 0.5).masked_fill(
+        torch.ones(2, 2, dtype=torch.bool).triu(1), float("-inf"))
+    want = scores.softmax(-1) @ values
+    return (torch.allclose(out, want) and torch.allclose(lse, scores.logsumexp(-1))
+            and grads[1].shape == views[1].shape)
 
 
 def forward(q, k, v, subtree_end, meta, scale):
