@@ -1,6 +1,9 @@
 """`linear_token_stats`: `token_stats` of `hidden @ weight.T + bias` without ever holding the
 [tokens × V] logits (docs/ops.md, linear_token_stats).
 
+Forward: on the Triton backend the fused kernel of `linear_triton.py` (logits tiles reduced where
+they are computed); elsewhere the chunked path below. Backward: the chunked path everywhere.
+
 The chunked torch path: the rows that count (mask) are taken in chunks of a fixed number of rows;
 each chunk's logits are computed, reduced by the `token_stats` backend of their device (the
 float32 CPU path, Triton on a GPU) and dropped. The backward recomputes each chunk's logits, takes
@@ -19,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from appo_kernels._backend import family_backend
 from appo_kernels._checks import FLOAT_DTYPES, int_arg, tensor_arg
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk by default (16 MiB in float32)
@@ -73,6 +77,16 @@ def _linear_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: O
     outs = [rows.new_zeros(rows.shape[0], dtype=_out_dtype(hidden)) for _ in range(5)]
     index = _rows_that_count(rows.shape[0], mask, hidden.device)
     tgt = None if target is None else target.reshape(-1)
+    if family_backend(hidden.device, hidden.dtype) == "triton":  # the fused kernel, all rows
+        from appo_kernels.token_stats import linear_triton
+
+        values = linear_triton.forward(rows[index].contiguous(), weight, bias,
+                                       None if tgt is None else tgt[index].contiguous(),
+                                       inv_temperature)
+        for out, value in zip(outs, values):
+            if value.numel():
+                out[index] = value
+        return tuple(o.reshape(lead) for o in outs)
     for a in range(0, len(index), chunk):
         which = index[a:a + chunk]
         padded = _padded_rows(len(which))
