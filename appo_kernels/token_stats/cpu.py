@@ -93,13 +93,15 @@ def forward(logits, target, mask, inv_temperature, want_varentropy, want_top2):
 
 
 def backward(logits, target, mask, row_max, log_norm, entropy, g_logprob, g_entropy, g_lse,
-             inv_temperature):
+             inv_temperature, *, in_place: bool = False):
     """∂/∂x of g_lp·logprob + g_H·H + g_lse·lse, with p = softmax((x − max)/T):
-    p·(g_lse − g_lp − g_H·(log p + H))/T, plus g_lp/T at the target."""
+    p·(g_lse − g_lp − g_H·(log p + H))/T, plus g_lp/T at the target. `in_place` writes the
+    gradient over float32 logits that the caller no longer needs (no second [rows, V] buffer)."""
     vocab = logits.shape[-1]
     rows = logits.reshape(-1, vocab)
     n_rows = rows.shape[0]
-    grad = new_output((n_rows, vocab), logits.dtype, logits.device)
+    in_place = in_place and logits.dtype == torch.float32 and rows.data_ptr() == logits.data_ptr()
+    grad = rows if in_place else new_output((n_rows, vocab), logits.dtype, logits.device)
 
     def flat(t):
         return None if t is None else t.reshape(-1).float()
@@ -113,7 +115,12 @@ def backward(logits, target, mask, row_max, log_norm, entropy, g_logprob, g_entr
 
     for a, b in _chunks(n_rows, vocab):
         x = rows[a:b].float()
-        log_p = _scaled_shift(x, m_all[a:b, None], inv_temperature)
+        if in_place:  # log p in the logits' own rows
+            log_p = x.sub_(m_all[a:b, None])
+            if inv_temperature != 1.0:
+                log_p.mul_(inv_temperature)
+        else:
+            log_p = _scaled_shift(x, m_all[a:b, None], inv_temperature)
         log_p.sub_(log_s_all[a:b, None]).clamp_min_(FLOOR)
         p = torch.exp(log_p)
         # per-row coefficient of p, with 1/T folded in
@@ -126,6 +133,8 @@ def backward(logits, target, mask, row_max, log_norm, entropy, g_logprob, g_entr
         if g_h_all is not None:
             g_h = g_h_all[a:b, None] * inv_temperature
             g = log_p.add_(h_all[a:b, None]).mul_(-g_h).add_(coef[:, None]).mul_(p)
+        elif in_place:
+            g = log_p.copy_(p).mul_(coef[:, None])
         else:
             g = p.mul_(coef[:, None])
         if g_lp_all is not None:
@@ -135,5 +144,6 @@ def backward(logits, target, mask, row_max, log_norm, entropy, g_logprob, g_entr
             g.scatter_add_(-1, t.clamp(0, vocab - 1).unsqueeze(-1), hit.unsqueeze(-1))
         if keep is not None:
             g.masked_fill_(~keep[a:b, None], 0.0)
-        grad[a:b] = g
+        if not in_place:
+            grad[a:b] = g
     return grad.reshape(logits.shape)

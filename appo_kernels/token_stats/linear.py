@@ -140,8 +140,10 @@ def _linear_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         def part(t):
             return None if t is None else _chunk(t[which], padded)
 
-        dz = _impl(z).backward(z, part(tgt), None, part(m_all), part(ln_all), part(h_all),
-                               part(g_lp), part(g_h), part(g_lse), inv_temperature)
+        impl = _impl(z)
+        extra = {"in_place": True} if impl.__name__.endswith(".cpu") else {}  # z is ours to reuse
+        dz = impl.backward(z, part(tgt), None, part(m_all), part(ln_all), part(h_all),
+                           part(g_lp), part(g_h), part(g_lse), inv_temperature, **extra)
         dz[real:] = 0  # padded rows (their statistics were never kept)
         if want[0]:
             grad_h[which] = (dz @ weight)[:real]
