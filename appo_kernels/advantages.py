@@ -24,7 +24,7 @@ GROUP_EPS = 1e-6  # verl's / TRL's epsilon in (R − mean) / (std + eps)
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = GROUP_EPS,
-                     normalize_std: bool = True) -> Tensor:
+                     normalize_std: bool = True, unbiased: bool = False) -> Tensor:
     """GRPO advantages: `(R − mean_g R) / (std_g R + eps)` within each group, float32 `[S]`.
 
     Args:
@@ -33,9 +33,10 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = GROUP_E
             sequences with equal ids form a group.
         eps: added to the std, > 0 (a uniform group has std 0 and gets 0).
         normalize_std: divide by `std + eps` (GRPO); False gives `R − mean` (Dr. GRPO).
+        unbiased: the std divides by n − 1 (verl's `torch.std`, TRL's) instead of n (the default,
+            the population std: √(n/(n − 1)) smaller, ×1.22 at n = 3).
 
-    The std is the population std (divide by the group size), unlike verl's `torch.std`; a
-    singleton group gets 0. Means and deviations are taken in float64 (rewards of 1e8 and 1e8 + 8
+    A singleton group gets 0. Means and deviations are taken in float64 (rewards of 1e8 and 1e8 + 8
     differ exactly), the result is float32 (float64 for float64 rewards, for gradcheck). No
     device sync.
     """
@@ -49,9 +50,11 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = GROUP_E
     count = buffer.index_add(0, group, torch.ones_like(r))
     mean = buffer.index_add(0, group, r) / count.clamp_min(1)
     centred = r - mean[group]
+    if not isinstance(unbiased, bool):
+        raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
     if normalize_std:
         # two passes (mean, then squared deviations): no cancellation for large rewards
-        var = buffer.index_add(0, group, centred * centred) / count.clamp_min(1)
+        var = buffer.index_add(0, group, centred * centred) / (count - int(unbiased)).clamp_min(1)
         centred = centred / (var.sqrt()[group] + eps)
     return torch.where(count[group] > 1, centred, 0.0).to(dtype)
 

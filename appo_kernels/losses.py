@@ -17,7 +17,8 @@ from appo_kernels._checks import FLOAT_DTYPES, cu_seqlens_arg, float_arg, tensor
 from appo_kernels.packing import token_segments
 from appo_kernels.scan.reference import LOG_RATIO_CLAMP  # verl's ±20 on log-ratios before exp
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
+             "seq-mean-token-sum-norm")
 # TRL's GRPOTrainer loss_type names -> verl's loss_agg_mode names (see `policy_loss`)
 AGG_ALIASES = {"dapo": "token-mean", "grpo": "seq-mean-token-mean",
                "dr_grpo": "seq-mean-token-sum-norm"}
@@ -32,7 +33,8 @@ def _result_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _check_policy_args(logprob, old_logprob, adv_tok, mask, clip_low, clip_high, clip_c, agg,
-                       seq_filter, cu_seqlens, loss_scale_factor, validate) -> tuple[str, int]:
+                       seq_filter, cu_seqlens, loss_scale_factor, denominator,
+                       validate) -> tuple[str, int]:
     tensor_arg("logprob", logprob, dtypes=FLOAT_DTYPES, ndim=1)
     for name, t in (("old_logprob", old_logprob), ("adv_tok", adv_tok)):
         tensor_arg(name, t, dtypes=FLOAT_DTYPES, shape=logprob.shape, like=logprob)
@@ -51,9 +53,16 @@ def _check_policy_args(logprob, old_logprob, adv_tok, mask, clip_low, clip_high,
         raise TypeError(f"seq_filter must be a bool, got {type(seq_filter).__name__}")
     if loss_scale_factor is not None:
         float_arg("loss_scale_factor", loss_scale_factor, low=0.0, low_open=True)
+    if denominator is not None:
+        if isinstance(denominator, Tensor):
+            tensor_arg("denominator", denominator, ndim=0, like=logprob)
+        else:
+            float_arg("denominator", denominator, low=0.0, low_open=True)
+        if mode == "token-sum":
+            raise ValueError("denominator has no use with agg='token-sum' (nothing is divided)")
     if cu_seqlens is None:
         needs = [why for why, used in (("seq_filter=True", seq_filter),
-                                       (f"agg={agg!r}", mode != "token-mean")) if used]
+                                       (f"agg={agg!r}", mode.startswith("seq-mean"))) if used]
         if needs:
             raise ValueError(f"cu_seqlens is required with {' and '.join(needs)}: pass the "
                              f"[S+1] sequence offsets of the packed tokens (or use "
@@ -79,6 +88,7 @@ def policy_loss(
     seq_filter: bool = True,
     cu_seqlens: Optional[Tensor] = None,
     loss_scale_factor: Optional[float] = None,
+    denominator=None,
     validate: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Token-level PPO loss with clip-higher and dual clip, aggregated as verl does.
@@ -94,6 +104,7 @@ def policy_loss(
     sequences in the call, all of them, also empty or fully masked ones, as TRL and current verl
     (local batch size) count them; some earlier verl releases left fully masked sequences out):
         token-mean               Σ m·L / max(Σ m, 1)
+        token-sum                Σ m·L
         seq-mean-token-mean      (1/S) Σ_s Σ_t m·L / max(Σ_t m, 1)
         seq-mean-token-sum       (1/S) Σ_s Σ_t m·L
         seq-mean-token-sum-norm  (1/S) Σ_s Σ_t m·L / loss_scale_factor
@@ -119,6 +130,10 @@ def policy_loss(
             and by the seq-mean modes.
         loss_scale_factor: the constant of seq-mean-token-sum-norm (verl's name); default the
             longest sequence in the call.
+        denominator: what token-mean divides by instead of max(Σ m, 1), and the seq-mean modes
+            instead of S: a float or a 0-dim tensor, e.g. the token or sequence count of the
+            whole batch over all data-parallel ranks (verl's `batch_num_tokens` and
+            `global_batch_size`), so that each rank's loss is its share of the global mean.
         validate: check `cu_seqlens` values on the GPU too (a device sync).
 
     Returns:
@@ -132,7 +147,7 @@ def policy_loss(
     """
     mode, n_seqs = _check_policy_args(logprob, old_logprob, adv_tok, mask, clip_low, clip_high,
                                       clip_c, agg, seq_filter, cu_seqlens, loss_scale_factor,
-                                      validate)
+                                      denominator, validate)
     dtype = _result_dtype(logprob, old_logprob, adv_tok)
     adv = torch.where(mask, adv_tok.to(dtype), 0.0)
     # tokens outside the mask get ratio 1 and no gradient, whatever their values
@@ -157,8 +172,12 @@ def policy_loss(
         counted = mask & ~dropped[seq_of_token]
         dropped_seqs = dropped.sum().to(dtype)
 
-    if mode == "token-mean":
+    if mode == "token-mean" and denominator is None:
         loss = _masked_mean(per_token, counted)
+    elif mode in ("token-mean", "token-sum"):
+        loss = torch.where(counted, per_token, 0.0).sum()
+        if denominator is not None:
+            loss = loss / denominator
     else:
         seq_sum = per_seq.index_add(0, seq_of_token, torch.where(counted, per_token, 0.0))
         if mode == "seq-mean-token-mean":
@@ -173,7 +192,7 @@ def policy_loss(
             else:
                 scale = loss_scale_factor
             seq_loss = seq_sum / scale
-        loss = seq_loss.sum() / max(n_seqs, 1)
+        loss = seq_loss.sum() / (max(n_seqs, 1) if denominator is None else denominator)
 
     with torch.no_grad():
         metrics = {

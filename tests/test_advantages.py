@@ -15,7 +15,7 @@ from packed import cu_seqlens_of, random_lengths, spans
 ABS_TOL, REL_TOL = 1e-5, 1e-5  # float32 results against float64 references
 
 
-def brute_group_advantages(rewards, group_ids, eps, normalize_std):
+def brute_group_advantages(rewards, group_ids, eps, normalize_std, unbiased=False):
     members = {}
     for i, g in enumerate(group_ids.tolist()):
         members.setdefault(g, []).append(float(rewards[i]))
@@ -25,7 +25,7 @@ def brute_group_advantages(rewards, group_ids, eps, normalize_std):
         if len(values) == 1:
             continue
         mean = sum(values) / len(values)
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - unbiased))
         centred = float(rewards[i]) - mean
         out[i] = centred / (std + eps) if normalize_std else centred
     return out
@@ -47,17 +47,19 @@ def assert_close(actual, expected, what):
                                msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("unbiased", [False, True])
 @pytest.mark.parametrize("normalize_std", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_group_advantages_match_loops(device, normalize_std, dtype):
+def test_group_advantages_match_loops(device, normalize_std, dtype, unbiased):
     n = 40
     # unsorted, non-contiguous, negative and large ids; some groups are singletons
     ids = torch.randint(-4, 8, (n,)) * 10**12 + 3
     ids[:3] = torch.tensor([5, 6, 7]) * 10**15  # three singleton groups
     ids = ids[torch.randperm(n)]
     rewards = (torch.randn(n) * 2).to(dtype)
-    adv = group_advantages(rewards.to(device), ids.to(device), normalize_std=normalize_std)
-    expected = brute_group_advantages(rewards.double(), ids, 1e-6, normalize_std)
+    adv = group_advantages(rewards.to(device), ids.to(device), normalize_std=normalize_std,
+                           unbiased=unbiased)
+    expected = brute_group_advantages(rewards.double(), ids, 1e-6, normalize_std, unbiased)
     if dtype == torch.float64:
         assert adv.dtype == torch.float64
         torch.testing.assert_close(adv.cpu(), expected)

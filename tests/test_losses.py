@@ -26,7 +26,7 @@ def brute_token_loss(logprob, old, adv, clip_low, clip_high, clip_c):
 
 
 def brute_policy_loss(logprob, old, adv, mask, cu, agg, seq_filter, scale=None,
-                      clip_low=CLIP_LOW, clip_high=CLIP_HIGH, clip_c=CLIP_C):
+                      clip_low=CLIP_LOW, clip_high=CLIP_HIGH, clip_c=CLIP_C, denominator=None):
     """float64 loss (differentiable in `logprob`) and metrics; aggregation on the padded layout."""
     n_seqs = len(cu) - 1
     width = max([end - start for start, end in spans(cu)] + [0])
@@ -51,14 +51,18 @@ def brute_policy_loss(logprob, old, adv, mask, cu, agg, seq_filter, scale=None,
             n_dropped += 1
     masked_losses = losses * counted
     agg = AGG_ALIASES.get(agg, agg)
+    seqs = n_seqs if denominator is None else denominator
     if agg == "token-mean":  # verl token-mean, TRL bnpo/dapo
-        loss = masked_losses.sum() / counted.sum().clamp(min=1)
+        loss = masked_losses.sum() / (counted.sum().clamp(min=1) if denominator is None
+                                      else denominator)
+    elif agg == "token-sum":
+        loss = masked_losses.sum()
     elif agg == "seq-mean-token-mean":  # TRL grpo
-        loss = (masked_losses.sum(-1) / counted.sum(-1).clamp(min=1)).mean()
+        loss = (masked_losses.sum(-1) / counted.sum(-1).clamp(min=1)).sum() / seqs
     elif agg == "seq-mean-token-sum":
-        loss = masked_losses.sum(-1).mean()
+        loss = masked_losses.sum(-1).sum() / seqs
     else:  # TRL dr_grpo: sum / (B · max_completion_length)
-        loss = masked_losses.sum() / (n_seqs * (width if scale is None else scale))
+        loss = masked_losses.sum() / (seqs * (width if scale is None else scale))
     n_masked = max(n_masked, 1)
     metrics = {"clip_frac": n_clipped / n_masked, "dual_clip_frac": n_dual / n_masked,
                "approx_kl": kl_sum / n_masked, "dropped_seqs": float(n_dropped)}
@@ -95,6 +99,23 @@ def test_policy_loss_and_gradient_match_reference(device, agg, seq_filter):
     for name, value in want_metrics.items():
         assert metrics[name].dtype == torch.float32 and not metrics[name].requires_grad
         assert metrics[name].item() == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.parametrize("agg", [mode for mode in AGG_MODES if mode != "token-sum"])
+def test_a_global_denominator_replaces_the_local_count(device, agg):
+    """denominator: the whole batch's token (or sequence) count, as verl's global batch info."""
+    logprob, old, adv, mask, cu = loss_inputs(random_lengths(9, 15), device)
+    logprob.requires_grad_()
+    total = 123.0 if agg == "token-mean" else 17.0
+    loss, _ = policy_loss(logprob, old, adv, mask, agg=agg, cu_seqlens=cu,
+                          denominator=torch.tensor(total, device=device))
+    loss.backward()
+    lp64 = logprob.detach().cpu().double().requires_grad_()
+    want, _ = brute_policy_loss(lp64, old.cpu(), adv.cpu(), mask.cpu(), cu.cpu(), agg, True,
+                                denominator=total)
+    want.backward()
+    torch.testing.assert_close(loss.detach().cpu().double(), want.detach(), **LOSS_TOL)
+    torch.testing.assert_close(logprob.grad.cpu().double(), lp64.grad, **LOSS_TOL)
 
 
 def test_aliases_are_verl_modes(device):
@@ -261,6 +282,10 @@ BAD = [
     ("seq_filter must be a bool", TypeError, bad_loss_call(seq_filter=1)),
     ("loss_scale_factor must be > 0.0", ValueError,
      bad_loss_call(agg="dr_grpo", loss_scale_factor=0)),
+    ("denominator must be > 0.0", ValueError, bad_loss_call(denominator=0.0)),
+    ("denominator has no use with agg='token-sum'", ValueError,
+     bad_loss_call(agg="token-sum", denominator=3.0)),
+    ("denominator must be 0-D", ValueError, bad_loss_call(denominator=torch.ones(2))),
     ("kind must be one of", ValueError, lambda: kl_penalty(torch.randn(3), torch.randn(3), "k4")),
     ("ref_logprob must have shape \\(3,\\)", ValueError,
      lambda: kl_penalty(torch.randn(3), torch.randn(4))),
