@@ -7,6 +7,9 @@ Providers, all in the same run:
   torch-eager       `hidden @ weight.T`, then log_softmax + gather and −Σ p·log p (verl's
                     formulas), all in the input dtype
   liger-flce        Liger's fused linear cross-entropy (GPU, where installed): log-prob only
+  trl-fused         TRL's fused LM head (`trl.trainer.utils._ChunkedLogProbFunction`, what
+                    `add_fused_lm_head` runs; TRL ≥ 1.16, where installed): log-prob and entropy
+                    in chunks of its default size
 
 Workload: T tokens, H hidden, V vocabulary; fresh random inputs per bench. FLOPs: 2·T·H·V in the
 forward (the product), 6·T·H·V forward+backward (the product and its two gradients); TFLOP/s is
@@ -34,7 +37,7 @@ else:  # a smoke test
     WORKLOADS = [(256, 64, 4099, torch.float32)]
 MODES = ("fwd", "fwd_bwd")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-PROVIDERS = ("appo-linear", "appo-logits", "torch-eager", "liger-flce")
+PROVIDERS = ("appo-linear", "appo-logits", "torch-eager", "liger-flce", "trl-fused")
 
 
 def eager(hidden, weight, target):
@@ -46,6 +49,17 @@ def eager(hidden, weight, target):
 
 def liger_available() -> bool:
     return ON_CUDA and importlib.util.find_spec("liger_kernel") is not None
+
+
+def trl_fused():
+    """TRL's chunked log-prob/entropy autograd function, or None (no TRL, or one without it)."""
+    if importlib.util.find_spec("trl") is None:
+        return None
+    from trl.trainer import utils
+
+    function = getattr(utils, "_ChunkedLogProbFunction", None)
+    chunk = getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
+    return None if function is None or chunk is None else (function, chunk)
 
 
 def make_step(provider, hidden, weight, target, mode):
@@ -62,6 +76,13 @@ def make_step(provider, hidden, weight, target, mode):
         def stats():
             logprob, entropy = eager(hidden, weight, target)
             return logprob.float().sum() + entropy.float().sum()
+    elif provider == "trl-fused":
+        function, chunk = trl_fused()
+
+        def stats():  # TRL's arguments: bias, targets, temperature, chunk, softcap, scale, outputs
+            logprob, entropy, *_ = function.apply(hidden, weight, None, target, 1.0, chunk, None,
+                                                  1.0, ("log_probs", "entropy"))
+            return logprob.sum() + entropy.sum()
     else:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -87,8 +108,10 @@ def test_linear_token_stats(benchmark, measure, require_memory, bench_device, pr
     tokens, width, vocab, dtype = workload
     if provider == "liger-flce" and not liger_available():
         pytest.skip("liger-flce: needs a GPU and liger-kernel")
+    if provider == "trl-fused" and trl_fused() is None:
+        pytest.skip("trl-fused: needs trl >= 1.16")
     logits_bytes = tokens * vocab * torch.finfo(dtype).bits // 8
-    chunked = provider in ("appo-linear", "liger-flce")
+    chunked = provider in ("appo-linear", "liger-flce", "trl-fused")
     require_memory((1 if chunked else 4) * logits_bytes + (1 << 30),
                    f"{provider} T={tokens} V={vocab}")
     hidden = torch.randn(tokens, width, device=bench_device).to(dtype).requires_grad_()
