@@ -39,7 +39,8 @@ PY = sys.executable
 # tests run on the CPU in CI.
 OP_TESTS = ("tests/test_token_stats.py", "tests/test_sequence_scans.py",
             "tests/test_tree_attention.py", "tests/test_tree_layout.py", "tests/test_losses.py",
-            "tests/test_advantages.py", "tests/test_selection.py")
+            "tests/test_advantages.py", "tests/test_selection.py",
+            "tests/test_linear_token_stats.py")
 BENCH_FLAGS = ("-q", "-p", "no:cacheprovider", "--benchmark-max-time=0.5",
                "--benchmark-min-rounds=5")
 
@@ -65,7 +66,7 @@ PHASES = (
         Path(t).stem for t in OP_TESTS) + ")",
           [PY, "-m", "pytest", *OP_TESTS, "-q", "-p", "no:cacheprovider", "-rfEs",
            "--durations=10"], 120, 100,
-          "440 cases on the CPU, more with the cuda backend; each a few ms once its Triton "
+          "554 cases on the CPU, more with the cuda backend; each a few ms once its Triton "
           "variant is compiled (~40 variants at ~1-2 s of compile each)",
           "tests.log"),
     Phase("token_stats", "token_stats at T=8192, V=151936 bf16, fwd and fwd+bwd: appo (cuda, "
