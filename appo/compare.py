@@ -13,8 +13,8 @@ an interrupted comparison continues where it stopped.
 
 Results (`OUT/compare.md`, `compare.json`, `curves.png`): per arm the final accuracy, its gain
 over the warm start (final − step 0) and the area under the accuracy curve (its mean over the
-steps, trapezoidal), mean over seeds with a 95% t-interval; and per arm the paired difference from the baseline arm (GRPO), seed by seed, with
-its 95% t-interval. With few seeds the intervals are wide; the table says which exclude 0.
+steps, trapezoidal), mean over seeds with a 95% t-interval; and per arm the paired difference
+from the baseline arm (GRPO), seed by seed, with its 95% t-interval. With few seeds the intervals are wide; the table says which exclude 0.
 """
 
 from __future__ import annotations

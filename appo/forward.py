@@ -90,22 +90,25 @@ def fused_head(model):
     head, base = model.get_output_embeddings(), getattr(model, "base_model", None)
     ok = getattr(model, "_appo_fused_head", None)
     if ok is None:
-        ok = isinstance(head, torch.nn.Linear) and base is not None and base is not model
-    if ok and not hasattr(model, "_appo_fused_head"):
-        device = head.weight.device
-        ids = torch.arange(3, device=device)[None] % head.weight.shape[0]
-        name = model.config._attn_implementation
-        training = model.training
-        model.eval()  # no dropout between the two passes
-        with torch.no_grad(), attention(model, FALLBACK_ATTENTION if name == ATTN_IMPLEMENTATION
-                                        else name):
-            logits = model(input_ids=ids, use_cache=False).logits[0].float()
-            hidden = base(input_ids=ids, use_cache=False).last_hidden_state[0]
-            again = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
-        model.train(training)
-        ok = torch.allclose(logits, again, rtol=1e-3, atol=1e-3 * float(logits.abs().max()))
-    model._appo_fused_head = ok
+        ok = (isinstance(head, torch.nn.Linear) and base is not None and base is not model
+              and _head_reproduces_logits(model, base, head))
+        model._appo_fused_head = ok
     return (head.weight, head.bias) if ok else None
+
+
+def _head_reproduces_logits(model, base, head) -> bool:
+    """Whether hidden @ head.weight.T + head.bias equals the model's logits on a few tokens."""
+    ids = torch.arange(3, device=head.weight.device)[None] % head.weight.shape[0]
+    name = model.config._attn_implementation
+    training = model.training
+    model.eval()  # no dropout between the two passes
+    with torch.no_grad(), attention(model, FALLBACK_ATTENTION if name == ATTN_IMPLEMENTATION
+                                    else name):
+        logits = model(input_ids=ids, use_cache=False).logits[0].float()
+        hidden = base(input_ids=ids, use_cache=False).last_hidden_state[0]
+        again = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
+    model.train(training)
+    return torch.allclose(logits, again, rtol=1e-3, atol=1e-3 * float(logits.abs().max()))
 
 
 def _tree(model, seqs, prompt_lens, temperature, device, fused):

@@ -39,8 +39,9 @@ def _row_sum(x: torch.Tensor) -> torch.Tensor:
     return x.sum(-1)
 
 
-def _scaled_shift(x: torch.Tensor, m: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    d = torch.sub(x, m)
+def _scaled_shift(x: torch.Tensor, m: torch.Tensor, inv_temperature: float,
+                  in_place: bool = False) -> torch.Tensor:
+    d = x.sub_(m) if in_place else torch.sub(x, m)
     if inv_temperature != 1.0:
         d.mul_(inv_temperature)
     return d.clamp_min_(FLOOR)
@@ -115,12 +116,8 @@ def backward(logits, target, mask, row_max, log_norm, entropy, g_logprob, g_entr
 
     for a, b in _chunks(n_rows, vocab):
         x = rows[a:b].float()
-        if in_place:  # log p in the logits' own rows
-            log_p = x.sub_(m_all[a:b, None])
-            if inv_temperature != 1.0:
-                log_p.mul_(inv_temperature)
-        else:
-            log_p = _scaled_shift(x, m_all[a:b, None], inv_temperature)
+        # log p: in the logits' own rows when in place
+        log_p = _scaled_shift(x, m_all[a:b, None], inv_temperature, in_place)
         log_p.sub_(log_s_all[a:b, None]).clamp_min_(FLOOR)
         p = torch.exp(log_p)
         # per-row coefficient of p, with 1/T folded in
@@ -133,8 +130,6 @@ def backward(logits, target, mask, row_max, log_norm, entropy, g_logprob, g_entr
         if g_h_all is not None:
             g_h = g_h_all[a:b, None] * inv_temperature
             g = log_p.add_(h_all[a:b, None]).mul_(-g_h).add_(coef[:, None]).mul_(p)
-        elif in_place:
-            g = log_p.copy_(p).mul_(coef[:, None])
         else:
             g = p.mul_(coef[:, None])
         if g_lp_all is not None:
@@ -144,6 +139,6 @@ def backward(logits, target, mask, row_max, log_norm, entropy, g_logprob, g_entr
             g.scatter_add_(-1, t.clamp(0, vocab - 1).unsqueeze(-1), hit.unsqueeze(-1))
         if keep is not None:
             g.masked_fill_(~keep[a:b, None], 0.0)
-        if not in_place:
+        if g is not x:  # in place, g may already be the logits' rows
             grad[a:b] = g
     return grad.reshape(logits.shape)
