@@ -89,6 +89,15 @@ def test_bf16_matches_token_stats_on_the_same_logits(backend, device):
                                    atol=5e-2, msg=name)
 
 
+def test_strided_bias(backend, device):
+    h, w, _, t = inputs(11, 6, 300, device=device)
+    every_other = torch.randn(600, device=device)[::2]  # a bias view with stride 2
+    got = linear_token_stats(h, w, t, bias=every_other)
+    want = reference(h, w, every_other, t)
+    for name in ("logprob", "entropy", "lse"):
+        close(getattr(got, name), want[name], name, scale=10)
+
+
 def test_extreme_logits(backend, device):
     """Rows whose logits reach ±1e4 (a hidden row scaled up, a −inf-like bias entry) keep the
     float64 statistics to float32 rounding of their magnitude."""

@@ -99,6 +99,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias, target, inv_temper
     n, width = hidden.shape
     vocab = weight.shape[0]
     weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it with stride 1
     splits = triton.cdiv(vocab, SPLIT_V)
     parts = [torch.empty((splits, n), dtype=torch.float32, device=hidden.device)
              for _ in range(4)]
