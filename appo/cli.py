@@ -157,15 +157,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trainer = Trainer(config, resume=bool(args.resume))
     except ValueError as e:
         parser.error(str(e))
-    print(f"appo: {config.algorithm.adv_estimator} on task {config.data.task!r}, "
-          f"{config.trainer.total_training_steps} steps, output in {trainer.out}", flush=True)
-    result = trainer.train()
+    say = print if trainer.dist.main else (lambda *args, **kwargs: None)  # torchrun: rank 0
+    world = f" on {trainer.dist.world} processes" if trainer.dist.world > 1 else ""
+    say(f"appo: {config.algorithm.adv_estimator} on task {config.data.task!r}, "
+        f"{config.trainer.total_training_steps} steps{world}, output in {trainer.out}", flush=True)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.dist.close()
     before, after = result.eval_before, result.eval_after
     if before is not None and after is not None:
-        print(f"held-out accuracy {before:.3f} -> {after:.3f} "
-              f"({100 * (after - before):+.1f} points)")
-    print(f"{result.step} steps in {result.seconds:.0f} s; metrics, plots, rollouts.html and "
-          f"checkpoints in {result.out_dir}")
+        say(f"held-out accuracy {before:.3f} -> {after:.3f} "
+            f"({100 * (after - before):+.1f} points)")
+    say(f"{result.step} steps in {result.seconds:.0f} s; metrics, plots, rollouts.html and "
+        f"checkpoints in {result.out_dir}")
     from appo.run import exit_code
 
     return exit_code(result.interrupted) if result.interrupted else 0

@@ -10,7 +10,7 @@ the numbers describe the policy RL trains; `greedy=True` takes the most likely t
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Sequence
 
 from appo.rollout.base import Sample, SamplingParams
 
@@ -29,6 +29,20 @@ class EvalResult:
     mean_response_len: float  # response tokens, tool results included
     n: int  # responses scored
 
+    @staticmethod
+    def merge(parts: Sequence["EvalResult"]) -> "EvalResult":
+        """The result over the union of disjoint parts (the shards of `evaluate(shard=...)`)."""
+        parts = [p for p in parts if p.n > 0]
+        if len(parts) == 1:
+            return parts[0]
+        n = sum(p.n for p in parts)
+
+        def mean(name):
+            return sum(getattr(p, name) * p.n for p in parts) / n
+
+        return EvalResult(mean("accuracy"), mean("format_error_rate"), mean("mean_reward"),
+                          mean("mean_tool_calls"), mean("mean_response_len"), n)
+
 
 def response_text(protocol, sample: Sample) -> str:
     """The response alone as a task's reward reads it (the protocol's canonical text: tool
@@ -38,11 +52,15 @@ def response_text(protocol, sample: Sample) -> str:
 
 def evaluate(engine, task, *, split: str = "eval", n_problems: Optional[int] = None,
              n_samples: int = 1, sampling: SamplingParams = SamplingParams(seed=0),
-             greedy: bool = False, batch_size: int = 64) -> EvalResult:
+             greedy: bool = False, batch_size: int = 64,
+             shard: tuple[int, int] = (0, 1)) -> EvalResult:
     """Score `n_samples` responses to each of the first `n_problems` problems of `split` (all of it
     when None), generated `batch_size` prompts at a time, with the engine's tool protocol (the
     task's `format` must be the same protocol). `greedy` overrides the temperature (and then
-    one sample per problem is all there is to see)."""
+    one sample per problem is all there is to see). `shard=(k, m)`: only every m-th of those
+    problems from the k-th (one process's part, n = 0 when it has none; `EvalResult.merge`
+    joins the parts). A part's samples are drawn from its own seeds, so sampled (not greedy)
+    results differ from the unsharded run's by the draw."""
     protocol = engine.protocol
     if task.format.name != protocol.name:
         raise ValueError(f"task.format is {task.format.name!r} but the engine's tool protocol is "
@@ -54,11 +72,17 @@ def evaluate(engine, task, *, split: str = "eval", n_problems: Optional[int] = N
         problems = problems[:n_problems]
     if not problems:
         raise ValueError(f"split {split!r} of task {task.name!r} has no problems to evaluate")
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (k, m) with 0 <= k < m, got {shard}")
     if n_samples < 1 or batch_size < 1:
         raise ValueError(f"n_samples and batch_size must be >= 1, got n_samples={n_samples}, "
                          f"batch_size={batch_size}")
     if greedy:
         sampling = replace(sampling, temperature=GREEDY_TEMPERATURE)
+    problems = problems[rank::world]
+    if not problems:
+        return EvalResult(0.0, 0.0, 0.0, 0.0, 0.0, n=0)
     rewards, tool_calls, lengths = [], [], []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]

@@ -14,16 +14,16 @@ attention (the `--unrolled` check): same values, same gradients, more work.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from appo.distributed import fused_forward
 from appo_kernels import (TreeLayout, linear_token_stats, token_stats, tree_linear_token_stats,
                           tree_token_stats)
-from appo_kernels.integrations.transformers import ATTN_IMPLEMENTATION, register
+from appo_kernels.integrations.transformers import ATTN_IMPLEMENTATION, attention
 
 FALLBACK_ATTENTION = "sdpa"  # the unrolled pass when the model was loaded with "appo_tree"
 
@@ -36,21 +36,6 @@ class ResponseStats:
     entropy: Tensor  # float32 [N], of the distribution that token was drawn from
     cu_seqlens: Tensor  # int64 [S+1], response offsets
     forward_tokens: int  # positions the model computed (tree tokens, or padded rows × width)
-
-
-@contextlib.contextmanager
-def attention(model, name: str):
-    """Run `model` with attention implementation `name`, restoring the previous one after."""
-    before = model.config._attn_implementation
-    if name == ATTN_IMPLEMENTATION:
-        register()
-    if before != name:
-        model.set_attn_implementation(name)
-    try:
-        yield model
-    finally:
-        if before != name:
-            model.set_attn_implementation(before)
 
 
 def response_token_stats(model, prompts: Sequence[Sequence[int]],
@@ -126,9 +111,9 @@ def _tree(model, seqs, prompt_lens, temperature, device, fused):
             stats = tree_token_stats(model(**inputs).logits[0], layout, token_ids,
                                      temperature=temperature, mask=scored)
         else:  # never the [tokens × V] logits: statistics from the last hidden states
-            hidden = model.base_model(**inputs).last_hidden_state[0]
-            stats = tree_linear_token_stats(hidden, *head, layout, token_ids,
-                                            temperature=temperature, mask=scored)
+            stats = _Pair(*fused_forward(model, inputs, lambda hidden, weight, bias: _pair(
+                tree_linear_token_stats(hidden[0], weight, bias, layout, token_ids,
+                                        temperature=temperature, mask=scored))))
     return stats.logprob[index], stats.entropy[index], layout.n_tokens
 
 
@@ -151,11 +136,21 @@ def _unrolled(model, seqs, prompt_lens, temperature, pad_id, device, fused):
             stats = token_stats(model(**inputs).logits[:, :-1], ids[:, 1:],
                                 temperature=temperature, mask=scored)
         else:
-            hidden = model.base_model(**inputs).last_hidden_state[:, :-1]
-            stats = linear_token_stats(hidden, head[0], ids[:, 1:], bias=head[1],
-                                       temperature=temperature, mask=scored)
+            stats = _Pair(*fused_forward(model, inputs, lambda hidden, weight, bias: _pair(
+                linear_token_stats(hidden[:, :-1], weight, ids[:, 1:], bias=bias,
+                                   temperature=temperature, mask=scored))))
     # row-major boolean indexing keeps each row's response tokens in order, rows in order
     return stats.logprob[scored], stats.entropy[scored], ids.numel()
+
+
+class _Pair(NamedTuple):
+    logprob: Tensor
+    entropy: Tensor
+
+
+def _pair(stats) -> tuple[Tensor, Tensor]:
+    # plain tensors out of the head's forward: FSDP hooks the backward on the outputs it sees
+    return stats.logprob, stats.entropy
 
 
 @dataclass

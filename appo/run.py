@@ -118,19 +118,22 @@ def load_run_config(out_dir) -> Config:
 class Interrupts:
     """SIGINT/SIGTERM handling for the training loop (see the module docstring): inside `with
     interrupts:` a signal raises KeyboardInterrupt at once, unless `critical` is set, when it only
-    sets `requested` (the loop checks it after the step)."""
+    sets `requested` (the loop checks it after the step). `defer`: always only set `requested`
+    (under torchrun, where the ranks must stop at the same point)."""
 
-    def __init__(self, log=print):
+    def __init__(self, log=print, *, defer: bool = False):
         self.log = log
+        self.defer = defer
         self.critical = False
         self.requested: Optional[str] = None
         self._previous: dict = {}
 
     def _handler(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.critical:
+        if self.critical or self.defer:
             self.requested = name
-            self.log(f"{name}: finishing this step's update, then saving")
+            self.log(f"{name}: finishing this step's update, then saving" if self.critical else
+                     f"{name}: finishing this step on every process, then saving")
         else:
             raise KeyboardInterrupt(name)
 

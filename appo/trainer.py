@@ -23,6 +23,7 @@ mini-batch has moved the policy, the step is completed before a signal is acted 
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -34,18 +35,19 @@ from typing import Optional
 import numpy as np
 import torch
 
-from appo import algorithms
+from appo import algorithms, distributed
 from appo.algorithms import PackedRollouts, StepContext, masked_mean
 from appo.config import Config, dump_yaml
-from appo.evaluate import evaluate, response_text
-from appo.forward import (RolloutStats, by_group, micro_batches, response_token_stats,
-                          rollout_token_stats, token_index)
+from appo.evaluate import EvalResult, evaluate, response_text
+from appo.forward import (RolloutStats, by_group, fused_head, micro_batches,
+                          response_token_stats, rollout_token_stats, token_index)
 from appo.policy import (load_policy, load_reference, wants_warm_start, warm_start_policy,
                          weights_dir)
 from appo.report import ROLLOUTS_FILE, RolloutsPage, format_postfix, plot_metrics, progress
-from appo.report.loggers import RunLoggers
-from appo.report.steps import (StageClock, TimedEngine, UpdateLog, describe_eval, first_eval,
-                               learning_signal, rollout_groups, rollout_metrics, timed)
+from appo.report.loggers import NoLoggers, RunLoggers
+from appo.report.steps import (RANK_SUMS, StageClock, TimedEngine, UpdateLog, describe_eval,
+                               first_eval, learning_signal, rollout_groups, rollout_metrics,
+                               timed)
 from appo.rollout.base import SamplingParams
 from appo.rollout.engines import EngineContext, make_engine
 from appo.rollout.protocol import make_protocol
@@ -68,12 +70,14 @@ class TrainResult:
 class Trainer:
     def __init__(self, config: Config, *, out_dir=None, resume: bool = False, log=print):
         self.config = cfg = config.validate()
-        self.log = log
+        # one process, or one rank of a torchrun launch (appo.distributed)
+        self.dist = dist = distributed.from_env()
+        _check_world(cfg, dist.world)
+        self.log = log if dist.main else _quiet
         out = out_dir or cfg.trainer.default_local_dir
         self.run = RunDir(out or default_out_dir(cfg.algorithm.adv_estimator), resume=resume)
         self.out = self.run.path
-        self.device = torch.device(cfg.trainer.device if cfg.trainer.device != "auto" else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = dist.start(cfg.trainer.device)
         threads = cfg.trainer.cpu_threads or (1 if cfg.model.path is None else None)
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(threads)
@@ -86,31 +90,43 @@ class Trainer:
         self.loggers = RunLoggers(cfg.trainer.logger, self.out, config=cfg.to_dict(),
                                   project=cfg.trainer.project_name,
                                   experiment=cfg.trainer.experiment_name, write=self._write,
-                                  console_lines=not cfg.trainer.progress)
+                                  console_lines=not cfg.trainer.progress) if dist.main \
+            else NoLoggers()
         self.step = 0
         self.model, self.tokenizer = load_policy(cfg, self.device, self.run.resume_from)
         self.protocol = make_protocol(cfg.rollout.tool_format, self.tokenizer)
         cfg.rollout.tool_format = self.protocol.name
         self.task.format = self.protocol  # the task reads responses in the run's format
-        if self.run.resume_from is None and wants_warm_start(cfg):
+        if self.run.resume_from is None and wants_warm_start(cfg) and dist.main:
             warm_start_policy(self.model, self.tokenizer, self.task, cfg, self.protocol, self.run)
-        dump_yaml(cfg, self.run / CONFIG_FILE)  # with the tool format resolved
+        dist.broadcast_module(self.model)  # every rank starts from rank 0's policy
+        if dist.main:
+            dump_yaml(cfg, self.run / CONFIG_FILE)  # with the tool format resolved
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else self.tokenizer.eos_token_id)
         self.whitespace = vocab_flags(self.tokenizer, vocab_size=self.vocab_size,
                                       device=self.device).is_whitespace
         self.ref_model = load_reference(cfg, self.device, self.model, self.run)
+        # the policy that generates and scores: the trained module itself in one process; under
+        # torchrun an unsharded copy, refreshed after every update (`_push_weights`)
+        self.rollout_model = self.model
+        if dist.sharded:
+            if cfg.actor.fused_lm_head:
+                fused_head(self.model)  # checked on the unsharded model, remembered
+            self.rollout_model = copy.deepcopy(self.model)
+            self.model = distributed.shard(self.model)
         tools = configure_python(self.task.tools(), **vars(cfg.tools.python))
         if "python" in tools and cfg.tools.python.sandbox == "rlimits":
-            log("warning: tools.python.sandbox=rlimits: the policy's python code runs WITHOUT a "
-                "sandbox (it can read and write what the trainer can; docs/sandbox.md)")
+            self.log("warning: tools.python.sandbox=rlimits: the policy's python code runs "
+                     "WITHOUT a sandbox (it can read and write what the trainer can; "
+                     "docs/sandbox.md)")
         self.clock = StageClock()  # time_generate, time_fork, time_score, ... per step
         self.engine = TimedEngine(make_engine(cfg.rollout.name, EngineContext(
-            self.model, self.tokenizer, tools, self.protocol,
-            lambda: weights_dir(cfg, self.run, self.model, self.tokenizer),
+            self.rollout_model, self.tokenizer, tools, self.protocol,
+            lambda: weights_dir(cfg, self.run, self.rollout_model, self.tokenizer),
             seed=cfg.trainer.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            device=self.device)), self.clock)
+            device=self.device, model_is_copy=self.rollout_model is not self.model)), self.clock)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.actor.optim.lr, betas=tuple(cfg.actor.optim.betas),
             weight_decay=cfg.actor.optim.weight_decay)
@@ -120,10 +136,12 @@ class Trainer:
         describe = self.protocol.describe()
         self.rollout_report = RolloutsPage(
             self.out / ROLLOUTS_FILE, info=f"tool format {describe['name']}: call "
-            f"{describe.get('call', '-')}, result {describe.get('result', '-')}")
+            f"{describe.get('call', '-')}, result {describe.get('result', '-')}"
+            + (" (rank 0's prompts)" if dist.sharded else "")) if dist.main else None
         if self.run.resume_from is not None:
             self._restore(self.run.resume_from)
-        self.interrupts = Interrupts(log)
+        # under torchrun every signal waits for the end of the step: the ranks stop together
+        self.interrupts = Interrupts(self.log, defer=dist.sharded)
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -135,14 +153,14 @@ class Trainer:
         eval_before = eval_after = None
         interrupted = None
         self._bar = bar = progress(total, initial=self.step, desc=f"{self.algorithm.name} train",
-                                   enabled=cfg.progress)
+                                   enabled=cfg.progress and self.dist.main)
         with self.interrupts:
             try:
                 if self.step == 0 and cfg.val_before_train:
                     record = {"step": 0, **self._evaluate(0)}
                     eval_before = record.get("eval_accuracy")
                     self.loggers.log(record)
-                    bar.write(describe_eval(record))
+                    self._write(describe_eval(record))
                 else:
                     eval_before = first_eval(self.loggers.metrics.records())
                 while self.step < total:
@@ -150,11 +168,11 @@ class Trainer:
                     self.interrupts.critical = True  # the step is complete: finish its bookkeeping
                     self.step += 1
                     last = self.step == total
-                    timed_out = cfg.max_time_s is not None and (
-                        time.monotonic() - started > cfg.max_time_s)
+                    timed_out = self.dist.any(cfg.max_time_s is not None and (
+                        time.monotonic() - started > cfg.max_time_s))
                     if last or timed_out or (cfg.test_freq and self.step % cfg.test_freq == 0):
                         record.update(self._evaluate(self.step))
-                        bar.write(describe_eval(record))
+                        self._write(describe_eval(record))
                     self.loggers.log(record)
                     bar.set_postfix(format_postfix(record))
                     bar.update()
@@ -163,24 +181,28 @@ class Trainer:
                     self.interrupts.critical = False
                     if "eval_accuracy" in record:
                         eval_after = record["eval_accuracy"]
-                    if self.interrupts.requested:
-                        raise KeyboardInterrupt(self.interrupts.requested)
+                    requested = next((name for name in self.dist.gather(
+                        self.interrupts.requested) if name), None)  # any rank's signal
+                    if requested:
+                        raise KeyboardInterrupt(requested)
                     if timed_out:
-                        bar.write(f"trainer.max_time_s = {cfg.max_time_s} reached after step "
+                        self._write(f"trainer.max_time_s = {cfg.max_time_s} reached after step "
                                   f"{self.step}")
                         break
             except KeyboardInterrupt as stop:  # Ctrl-C (no name) or our handler's signal name
                 interrupted = stop.args[0] if stop.args else "SIGINT"
                 self.interrupts.critical = True
-                if self.run.latest_checkpoint() != self.run.checkpoint_dir(self.step):
+                if self.dist.any(self.dist.main and self.run.latest_checkpoint()
+                                 != self.run.checkpoint_dir(self.step)):  # rank 0's disk
                     self.save_checkpoint()
-                bar.write(f"interrupted: saved step {self.step}; continue with "
+                self._write(f"interrupted: saved step {self.step}; continue with "
                           f"`appo train --resume {self.out}`")
             finally:
                 bar.close()
                 self._bar = None
                 self.loggers.close()
-                plot_metrics(self.loggers.metrics.records(), self.out)
+                if self.dist.main:
+                    plot_metrics(self.loggers.metrics.records(), self.out)
         return TrainResult(self.out, self.step, interrupted, eval_before, eval_after,
                            time.monotonic() - started)
 
@@ -201,7 +223,7 @@ class Trainer:
 
         # 2. score: exact entropy and log-probs under the training policy (the old log-probs)
         with torch.no_grad():
-            old = self._stats(self.model, init, prompts)
+            old = self._stats(self.rollout_model, init, prompts)
             ref = (self._stats(self.ref_model, init, prompts) if self.ref_model is not None
                    else None)
         update = UpdateLog()
@@ -211,9 +233,9 @@ class Trainer:
             plan = self._minibatches(step, init)
             self._update(plan[:1], init, prompts, algo.initial_advantages(init), old.logprob,
                          ref and ref.logprob, algo, update)
-            self.engine.update_weights(self.model)  # forks sample from the updated policy
+            self._push_weights()  # forks sample from the updated policy
             with torch.no_grad():
-                policy = self._stats(self.model, init, prompts)
+                policy = self._stats(self.rollout_model, init, prompts)
 
         # 3. branch: the algorithm scores the tokens and forks through the context
         forked = time.monotonic()
@@ -230,7 +252,7 @@ class Trainer:
         if train is not init:  # ARPO/GRPO train the branches too: their old and ref log-probs
             with torch.no_grad():
                 old_logprob = torch.cat([old_logprob, self._stats(
-                    self.model, branched.branches, prompts).logprob])
+                    self.rollout_model, branched.branches, prompts).logprob])
                 if ref is not None:
                     ref_logprob = torch.cat([ref_logprob, self._stats(
                         self.ref_model, branched.branches, prompts).logprob])
@@ -241,14 +263,15 @@ class Trainer:
         self._update(plan[1:] if algo.updates_before_branching else plan, train, prompts,
                      adv.adv_tok, old_logprob, ref_logprob, algo, update)
         self.scheduler.step()
-        self.engine.update_weights(self.model)
+        self._push_weights()
 
         elapsed = time.monotonic() - started
         times = {"rollout": rollout_s, "train": elapsed - rollout_s}
         record = {"step": step, **rollout_metrics(init, branched.branches, old, times),
                   **branched.metrics, **signal, **update.means(), **self.clock.metrics(),
                   "lr": self.optimizer.param_groups[0]["lr"], "time_step": elapsed}
-        if cfg.trainer.html_prompts > 0:
+        record = _merge_ranks(self.dist.gather(record))
+        if cfg.trainer.html_prompts > 0 and self.rollout_report is not None:
             self.rollout_report.add_step(step, rollout_groups(
                 self.tokenizer.decode, problems, prompts, init, branched, policy.entropy,
                 cfg.trainer.html_prompts))
@@ -258,8 +281,17 @@ class Trainer:
     # pieces of a step
 
     def _problems_for(self, step: int):
+        """This process's prompts of step `step`: every rank draws the same batch and keeps every
+        world-th prompt."""
         rng = random.Random(f"{self.config.trainer.seed}/prompts/{step}")
-        return rng.sample(self.train_problems, self.config.data.train_batch_size)
+        batch = rng.sample(self.train_problems, self.config.data.train_batch_size)
+        return batch[self.dist.rank::self.dist.world]
+
+    def _push_weights(self) -> None:
+        """The trained weights into the rollout copy (under torchrun) and the engine."""
+        if self.rollout_model is not self.model:
+            distributed.copy_full(self.model, self.rollout_model)
+        self.engine.update_weights(self.rollout_model)
 
     def _sampling(self, step: int, phase: int) -> SamplingParams:
         cfg = self.config
@@ -297,8 +329,8 @@ class Trainer:
             extra = self.engine.generate([prompts[g] for g in wanted], 1, self._sampling(step, 2))
             return self._rollout_set(extra, [wanted[s.prompt_index] for s in extra], problems)
 
-        return StepContext(fork, generate, lambda rollouts: self._stats(self.model, rollouts,
-                                                                        prompts),
+        return StepContext(fork, generate, lambda rollouts: self._stats(self.rollout_model,
+                                                                        rollouts, prompts),
                            self._eligible, self._generator(step, "branch"))
 
     @timed("score")
@@ -327,8 +359,9 @@ class Trainer:
         plan = []
         for _ in range(actor.ppo_epochs):
             order = torch.randperm(len(groups), generator=generator).tolist()
-            for start in range(0, len(order), actor.ppo_mini_batch_size):
-                plan.append([groups[i] for i in order[start:start + actor.ppo_mini_batch_size]])
+            size = actor.ppo_mini_batch_size // self.dist.world  # this rank's share of prompts
+            for start in range(0, len(order), size):
+                plan.append([groups[i] for i in order[start:start + size]])
         return plan
 
     @timed("update")
@@ -336,49 +369,67 @@ class Trainer:
                 algo, log: UpdateLog) -> None:
         """One optimizer step per mini-batch of `plan`, each micro-batched by token budget."""
         actor = self.config.actor
-        seqs = [list(prompts[int(g)]) + s.response_ids
-                for s, g in zip(train.samples, train.group)]
         self.model.train()
         for mini in plan:
-            mini_index = token_index(train.cu_seqlens, [i for g in mini for i in g])
-            # the micro-batch losses, weighted to the mean over the whole mini-batch
-            denominator = max(1, int(train.mask[mini_index].sum()))
-            if actor.loss_agg_mode not in ("token-mean", "dapo"):
-                denominator = sum(len(g) for g in mini)
-            self.optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            for batch in micro_batches(mini, seqs, actor.ppo_max_token_len_per_gpu):
-                index = token_index(train.cu_seqlens, batch)
-                stats = self._forward(self.model, train, prompts, batch)
-                lengths = train.lengths[batch]
-                cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
-                mask, old = train.mask[index], old_logprob[index]
-                adv = algo.adjust(adv_tok[index], stats.logprob, old, cu, mask, actor.clip_ratio_c)
-                loss, metrics = policy_loss(
-                    stats.logprob, old, adv, mask, clip_low=actor.clip_ratio_low,
-                    clip_high=actor.clip_ratio_high, clip_c=actor.clip_ratio_c,
-                    agg=actor.loss_agg_mode, seq_filter=actor.seq_filter, cu_seqlens=cu)
-                share = (int(mask.sum()) if actor.loss_agg_mode in ("token-mean", "dapo")
-                         else len(batch)) / denominator
-                token_mean = masked_mean(mask)
-                if ref_logprob is not None:
-                    kl = token_mean(kl_penalty(stats.logprob, ref_logprob[index],
-                                               kind=actor.kl_loss_type))
-                    loss = loss + actor.kl_loss_coef * kl
-                    metrics["kl_ref"] = kl.detach()
-                if actor.entropy_coeff:
-                    loss = loss - actor.entropy_coeff * token_mean(stats.entropy)
-                (loss * share).backward()
-                metrics["loss"] = loss.detach()
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
-            if torch.isfinite(grad_norm):
+            sums = self._accumulate(mini, train, prompts, adv_tok, old_logprob, ref_logprob, algo)
+            grad_norm = distributed.local_value(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip))
+            if math.isfinite(grad_norm):
                 self.optimizer.step()
             else:
                 self.log("non-finite gradient norm: an update skipped")
-            log.add({**sums, "grad_norm": float(grad_norm)})
+            log.add({**sums, "grad_norm": grad_norm})
         self.model.eval()
+
+    def _accumulate(self, mini, train: PackedRollouts, prompts, adv_tok, old_logprob,
+                    ref_logprob, algo) -> dict[str, float]:
+        """The gradient of one mini-batch's loss (its prompt groups on every rank) in the
+        parameters' `.grad`, micro-batch by micro-batch; returns the loss terms, averaged over the
+        mini-batch as the loss is."""
+        actor, dist = self.config.actor, self.dist
+        per_token = actor.loss_agg_mode in ("token-mean", "dapo")
+        seqs = [list(prompts[int(g)]) + s.response_ids
+                for s, g in zip(train.samples, train.group)]
+        mine = [i for g in mini for i in g]
+        # the micro-batch losses, weighted to the mean over the whole mini-batch (all ranks)
+        tokens, sequences = dist.sum([float(train.mask[token_index(train.cu_seqlens, mine)].sum()),
+                                      float(len(mine))])
+        denominator = max(1.0, tokens) if per_token else sequences
+        batches = micro_batches(mini, seqs, actor.ppo_max_token_len_per_gpu)
+        # FSDP: every rank runs as many forward passes as the rank with the most micro-batches
+        padding = int(dist.max(len(batches))) - len(batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for batch in batches:
+            index = token_index(train.cu_seqlens, batch)
+            stats = self._forward(self.model, train, prompts, batch)
+            lengths = train.lengths[batch]
+            cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+            mask, old = train.mask[index], old_logprob[index]
+            adv = algo.adjust(adv_tok[index], stats.logprob, old, cu, mask, actor.clip_ratio_c)
+            loss, metrics = policy_loss(
+                stats.logprob, old, adv, mask, clip_low=actor.clip_ratio_low,
+                clip_high=actor.clip_ratio_high, clip_c=actor.clip_ratio_c,
+                agg=actor.loss_agg_mode, seq_filter=actor.seq_filter, cu_seqlens=cu)
+            share = (int(mask.sum()) if per_token else len(batch)) / denominator
+            token_mean = masked_mean(mask)
+            if ref_logprob is not None:
+                kl = token_mean(kl_penalty(stats.logprob, ref_logprob[index],
+                                           kind=actor.kl_loss_type))
+                loss = loss + actor.kl_loss_coef * kl
+                metrics["kl_ref"] = kl.detach()
+            if actor.entropy_coeff:
+                loss = loss - actor.entropy_coeff * token_mean(stats.entropy)
+            # FSDP averages the ranks' gradients: x world makes that average the sum
+            (loss * (share * dist.world)).backward()
+            metrics["loss"] = loss.detach()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * share
+        for _ in range(padding):  # an empty pass: no gradient, the collectives in step
+            stats = self._forward(self.model, train, prompts, batches[0][:1])
+            (stats.logprob.sum() * 0.0).backward()
+        keys = sorted(sums)
+        return dict(zip(keys, dist.sum([sums[k] for k in keys])))
 
     def _evaluate(self, step: int) -> dict:
         cfg = self.config
@@ -389,14 +440,17 @@ class Trainer:
                                   max_tool_calls=cfg.rollout.max_tool_calls,
                                   seed=_seed(cfg.trainer.seed, "eval"))
         # the same eval seed at every step: the differences are the policy's, not the draws'
-        result = evaluate(self.engine, self.task, n_problems=cfg.data.val_size,
-                          sampling=sampling, greedy=not cfg.rollout.val_kwargs.do_sample)
+        result = EvalResult.merge(self.dist.gather(evaluate(
+            self.engine, self.task, n_problems=cfg.data.val_size, sampling=sampling,
+            greedy=not cfg.rollout.val_kwargs.do_sample,
+            shard=(self.dist.rank, self.dist.world))))  # each rank scores its share
         return {"eval_accuracy": result.accuracy, "eval_reward": result.mean_reward,
                 "eval_bad_format": result.format_error_rate,
                 "eval_tool_calls": result.mean_tool_calls, "eval_n": result.n}
 
     def _write(self, message: str) -> None:
-        (self._bar.write if self._bar is not None else self.log)(message)
+        if self.dist.main:
+            (self._bar.write if self._bar is not None else self.log)(message)
 
     # ------------------------------------------------------------------------------------------
     # schedule, checkpoints
@@ -414,17 +468,26 @@ class Trainer:
         return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
 
     def save_checkpoint(self) -> Path:
-        """Save the policy, optimizer, schedule and step (`appo.run`), then the plots."""
-        path = self.run.save_checkpoint(
-            self.step, self.model, self.tokenizer,
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-            keep=self.config.trainer.max_actor_ckpt_to_keep)
-        plot_metrics(self.loggers.metrics.records(), self.out)
+        """Save the policy, optimizer, schedule and step (`appo.run`), then the plots; under
+        torchrun the full state dicts, written by rank 0. The optimizer's state is keyed by
+        parameter name, so any number of processes can resume it."""
+        optimizer = (distributed.full_optimizer_state(self.model, self.optimizer)
+                     if self.dist.sharded else distributed.named_optimizer_state(
+                         self.model, self.optimizer))
+        path = self.run.checkpoint_dir(self.step)
+        if self.dist.main:  # the rollout copy holds the trained weights (`_push_weights`)
+            path = self.run.save_checkpoint(
+                self.step, self.rollout_model, self.tokenizer,
+                {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()},
+                keep=self.config.trainer.max_actor_ckpt_to_keep)
+            plot_metrics(self.loggers.metrics.records(), self.out)
+        self.dist.barrier()
         return path
 
     def _restore(self, checkpoint: Path) -> None:
         state = self.run.load_state(checkpoint, self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"],
+                                         broadcast=self.dist.sharded)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         dropped = self.loggers.metrics.truncate_after(self.step)
@@ -434,6 +497,49 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------
 # helpers
+
+def _check_world(config: Config, world: int) -> None:
+    """What a torchrun launch of `world` processes needs of the config."""
+    if world == 1:
+        return
+    for key, value in (("data.train_batch_size", config.data.train_batch_size),
+                       ("actor_rollout_ref.actor.ppo_mini_batch_size",
+                        config.actor.ppo_mini_batch_size)):
+        if value % world:
+            raise ValueError(f"{key} = {value}: under torchrun it must be a multiple of the "
+                             f"number of processes ({world}), each taking an equal share")
+    if config.rollout.name != "hf":
+        raise ValueError(f"actor_rollout_ref.rollout.name = {config.rollout.name!r}: under "
+                         f"torchrun appo generates with the hf engine only (one vLLM per rank is "
+                         f"not supported yet; docs/training.md, \"Several GPUs\")")
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of every rank but 0."""
+
+
+def _merge_ranks(records: list[dict]) -> dict:
+    """One step record from every rank's: counts (`RANK_SUMS`) summed, times (`time_*`) and
+    `*_max` their maximum (the slowest rank sets the pace), `*_min` their minimum, other numbers
+    averaged over the ranks that have them (each rank holds an equal share of the prompts),
+    anything else rank 0's (or the first rank's that has it)."""
+    if len(records) == 1:
+        return records[0]
+    merged: dict = {}
+    for key in dict.fromkeys(k for r in records for k in r):
+        values = [r[key] for r in records if key in r]
+        if key == "step" or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    for v in values):
+            merged[key] = values[0]
+        elif key in RANK_SUMS:
+            merged[key] = sum(values)
+        elif key.startswith("time") or key.endswith("_max"):
+            merged[key] = max(values)
+        elif key.endswith("_min"):
+            merged[key] = min(values)
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged
 
 def _seed(*parts) -> int:
     """A 32-bit seed from ints and strings, the same in every process (no `hash()`)."""

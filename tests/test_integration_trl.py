@@ -110,7 +110,7 @@ def code_sum(completions, **_):
     return [float(sum(map(ord, text)) % 7) for text in completions]
 
 
-def grpo_step(model_dir, out_dir, patch):
+def grpo_step(model_dir, out_dir, patch, tree=True):
     """One GRPO step (4 prompts × 2 completions, KL to the reference): the trainer's model after
     it and its logs."""
     from datasets import Dataset
@@ -123,7 +123,7 @@ def grpo_step(model_dir, out_dir, patch):
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=code_sum, args=args,
                           train_dataset=data, processing_class=char_tokenizer(tags=False))
     if patch == "instance":
-        appo_trl.apply_appo_kernels_to_trl(trainer)
+        appo_trl.apply_appo_kernels_to_trl(trainer, tree=tree)
     trainer.train()
     return trainer.model, trainer.state.log_history[0]
 
@@ -137,18 +137,27 @@ def restore_trl(monkeypatch):
         monkeypatch.setattr(module, "add_fused_lm_head", add_fused_lm_head)
 
 
-@pytest.mark.parametrize("patch", ["class", "instance"])
+@pytest.mark.parametrize("patch, tree", [("class", True), ("instance", True),
+                                         ("instance", False)])
 def test_a_grpo_step_with_appos_head_equals_trls(model_dir, tmp_path, monkeypatch, restore_trl,
-                                                  patch):
-    scored = []
-    real = appo_trl._scored
-    monkeypatch.setattr(appo_trl, "_scored", lambda *a: scored.append(1) or real(*a))
+                                                  patch, tree):
+    """tree: the rows of each scoring call (2 completions of each prompt, left-padded prompts,
+    right-padded completions) as one packed tree; else padded as TRL runs them."""
+    scored = {"flat": 0, "tree": 0}
+    for kind, name in (("flat", "_scored"), ("tree", "_tree_scored")):
+        real = getattr(appo_trl, name)
+
+        def counted(*a, kind=kind, real=real):
+            scored[kind] += 1
+            return real(*a)
+        monkeypatch.setattr(appo_trl, name, counted)
     theirs, their_logs = grpo_step(model_dir, tmp_path / "trl", patch=None)
-    assert not scored
+    assert scored == {"flat": 0, "tree": 0}
     if patch == "class":
-        appo_trl.apply_appo_kernels_to_trl(GRPOTrainer)
-    ours, our_logs = grpo_step(model_dir, tmp_path / "appo", patch=patch)
-    assert len(scored) >= 2  # the policy's scoring and the reference's went through appo
+        appo_trl.apply_appo_kernels_to_trl(GRPOTrainer, tree=tree)
+    ours, our_logs = grpo_step(model_dir, tmp_path / "appo", patch=patch, tree=tree)
+    # the policy's scoring and the reference's went through appo, packed or not
+    assert scored["tree" if tree else "flat"] >= 2 and scored["flat" if tree else "tree"] == 0
     assert our_logs["reward_std"] > 0  # the step had a learning signal
     for key in ("loss", "entropy", "kl", "reward"):
         assert our_logs[key] == pytest.approx(their_logs[key], rel=1e-4, abs=1e-6), key
@@ -159,3 +168,87 @@ def test_a_grpo_step_with_appos_head_equals_trls(model_dir, tmp_path, monkeypatc
     initial = LlamaForCausalLM.from_pretrained(model_dir)
     assert max(float((a - b).abs().max()) for a, b in
                zip(ours.parameters(), initial.parameters())) > 100 * max(moved, 1e-7)
+
+
+def shared_prompt_batch(vocab=97):
+    """Two prompts (one left-padded) with 3 completions each, some right-padded: GRPO's rows."""
+    g = torch.Generator().manual_seed(1)
+    width, rows = 14, []
+    for prompt_len in (6, 4):
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+        for completion_len in (8, 5, 8):
+            completion = torch.randint(0, vocab, (completion_len,), generator=g).tolist()
+            pad_left = 6 - prompt_len
+            rows.append((pad_left, prompt + completion))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for b, (left, tokens) in enumerate(rows):
+        ids[b, left:left + len(tokens)] = torch.tensor(tokens)
+        attention[b, left:left + len(tokens)] = 1
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :6] = -100  # the prompts
+    return dict(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_tree_packed_head_equals_trls(monkeypatch, checkpointing):
+    """The rows of one call merged into a tree (each prompt once): log-probs, entropy and
+    gradients equal TRL's padded head to fp32 rounding, with gradient checkpointing too (its
+    recomputation replays the tree call after the call has returned)."""
+    trl_model = tiny_llama()
+    appo_model = copy.deepcopy(trl_model)
+    add_fused_lm_head(trl_model, temperature=TEMPERATURE, outputs=("log_probs", "entropy"))
+    assert appo_trl.add_appo_lm_head(appo_model, temperature=TEMPERATURE,
+                                     outputs=("log_probs", "entropy"))
+    for model in (trl_model, appo_model):
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    packed = []
+    real = appo_trl._tree_scored
+    monkeypatch.setattr(appo_trl, "_tree_scored", lambda *a: packed.append(a[1]) or real(*a))
+    inputs = shared_prompt_batch()
+    theirs, ours = trl_model(**inputs), appo_model(**inputs)
+    assert len(packed) == 1  # one tree for the whole call
+    mask = inputs["labels"][:, 1:] != -100
+    assert torch.equal(ours.label_mask, mask)
+    for name in ("log_probs", "entropy"):
+        assert bool((getattr(ours, name)[~mask] == 0).all())
+        torch.testing.assert_close(getattr(ours, name)[mask], getattr(theirs, name)[mask],
+                                   rtol=0, atol=5e-6, msg=name)
+    (theirs.log_probs.sum() + 0.3 * theirs.entropy.sum()).backward()
+    (ours.log_probs.sum() + 0.3 * ours.entropy.sum()).backward()
+    for (name, a), b in zip(appo_model.named_parameters(), trl_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # a call the tree cannot take exactly (positions passed) runs padded, still appo's head
+    flat = appo_model(**inputs, position_ids=torch.arange(14)[None].expand(6, -1))
+    assert len(packed) == 1
+    torch.testing.assert_close(flat.log_probs[mask], ours.log_probs[mask], rtol=0, atol=5e-6)
+    # generation and plain calls still run sdpa
+    plain = appo_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    reference = trl_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    torch.testing.assert_close(plain.logits, reference.logits)
+
+
+def test_the_tree_packed_head_under_bf16_autocast():
+    """TRL scores under the accelerator's autocast: the tree call runs in bfloat16 like the padded
+    one, both within bfloat16 rounding of the float32 values."""
+    model = tiny_llama()
+    padded = copy.deepcopy(model)
+    exact = copy.deepcopy(model)
+    outputs = ("log_probs", "entropy")
+    appo_trl.add_appo_lm_head(model, TEMPERATURE, outputs=outputs)
+    appo_trl.add_appo_lm_head(padded, TEMPERATURE, outputs=outputs, tree=False)
+    appo_trl.add_appo_lm_head(exact, TEMPERATURE, outputs=outputs)
+    inputs = shared_prompt_batch()
+    mask = inputs["labels"][:, 1:] != -100
+    want = exact(**inputs)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tree, flat = model(**inputs), padded(**inputs)
+    for name in outputs:
+        a, b, c = (getattr(o, name)[mask] for o in (tree, flat, want))
+        assert a.dtype == torch.float32
+        gap_tree, gap_flat = float((a - c).abs().max()), float((b - c).abs().max())
+        assert gap_tree < 0.1 and gap_flat < 0.1, (name, gap_tree, gap_flat)
+        assert gap_tree > 0  # it did run in bfloat16

@@ -30,6 +30,12 @@ def registered(monkeypatch):
         for name in appo_verl.HELPERS:
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, getattr(module, name))
+    for module_name, name in appo_verl.FUSED_MODULES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:
+            continue
+        monkeypatch.setattr(module, name, getattr(module, name))
     return appo_verl.register
 
 
@@ -167,3 +173,87 @@ def test_the_helpers_are_appos_and_match_float64(registered):
     # verl's own torch formula (not patched) agrees to its float32 rounding
     torch.testing.assert_close(verl_F.logprobs_from_logits(logits, labels),
                                verl_F.logprobs_from_logits_v2(logits, labels), rtol=0, atol=1e-5)
+
+
+def tiny_llama(vocab=97):
+    """A random 2-layer Llama of its own subclass: verl's patch replaces the forward of the
+    model's class, and must not reach other tests' Llamas."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class VerlPatchedLlama(LlamaForCausalLM):
+        pass
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False)
+    return VerlPatchedLlama(config).float()
+
+
+def test_the_fused_kernel_forward_is_appos(registered, monkeypatch):
+    """verl's model forward with use_fused_kernels (the torch backend, the one that runs on a
+    CPU): before and after register(), against float64 statistics of the model's own logits;
+    the gradients of the two are equal to fp32 rounding."""
+    from verl.models.transformers.monkey_patch import patch_forward_with_backends
+    import verl.utils.experimental.torch_functional as verl_fused
+
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()
+    log_p = torch.log_softmax(logits / 0.7, -1)
+    labels = torch.roll(ids, -1, dims=-1)  # verl's shift (the last position wraps)
+    want_lp = log_p.gather(-1, labels[..., None])[..., 0]
+    want_h = -(log_p.exp() * log_p).sum(-1)
+    patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, return_dict=True, temperature=0.7)
+        (out.log_probs.sum() + 0.3 * out.entropy.sum()).backward()
+        return (out.log_probs.detach(), out.entropy.detach(),
+                {n: p.grad.clone() for n, p in model.named_parameters()})
+
+    verl_lp, verl_h, verl_grads = run()
+    patched = registered()["fused"]
+    assert "verl.utils.experimental.torch_functional.FusedLinearForPPO" in patched
+    assert "verl.utils.kernel.linear_cross_entropy.linear_cross_entropy" in patched
+    assert verl_fused.FusedLinearForPPO is appo_verl.FusedLinearForPPO
+    calls = []
+    ours = appo_verl.linear_token_stats
+    monkeypatch.setattr(appo_verl, "linear_token_stats",
+                        lambda *a, **k: calls.append(a[0].shape) or ours(*a, **k))
+    lp, h, grads = run()
+    assert calls == [(2, 9, 32)]  # verl's forward went through appo's op, hidden states in
+    assert lp.dtype == h.dtype == torch.float32 and lp.shape == ids.shape
+    torch.testing.assert_close(lp.double(), want_lp, rtol=0, atol=2e-6)
+    torch.testing.assert_close(h.double(), want_h, rtol=0, atol=2e-6)
+    torch.testing.assert_close(lp, verl_lp, rtol=0, atol=2e-6)
+    torch.testing.assert_close(h, verl_h, rtol=0, atol=2e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, verl_grads[name], rtol=1e-4,
+                                   atol=1e-5 * float(verl_grads[name].abs().max()), msg=name)
+
+
+def test_the_triton_backend_replacement_matches_float64(registered):
+    """verl's Triton `linear_cross_entropy` needs a GPU; its replacement's contract (flat
+    float32 log-probs and entropy, what verl's forward calls) against float64."""
+    import verl.utils.kernel.linear_cross_entropy as verl_lce
+
+    registered()
+    assert verl_lce.linear_cross_entropy is appo_verl.linear_cross_entropy
+    hidden = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    labels = torch.randint(0, 50, (2, 7))
+    lp, h = verl_lce.linear_cross_entropy(hidden.float(), weight.float(), labels, 1.3, "none")
+    log_p = torch.log_softmax(hidden @ weight.T / 1.3, -1)
+    assert lp.shape == h.shape == (14,)
+    torch.testing.assert_close(lp.double(), log_p.gather(-1, labels[..., None]).reshape(-1),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(h.double(), -(log_p.exp() * log_p).sum(-1).reshape(-1), rtol=0,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        verl_lce.linear_cross_entropy(hidden.float(), weight.float(), labels, 1.0, "mean")
+    with pytest.raises(NotImplementedError, match="tensor-parallel"):
+        verl_lce.linear_cross_entropy(hidden.float(), weight.float(), labels, 1.0, "none",
+                                      object())

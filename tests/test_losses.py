@@ -94,7 +94,10 @@ def test_policy_loss_and_gradient_match_reference(device, agg, seq_filter):
                                            seq_filter)
     want.backward()
     assert loss.dtype == torch.float32 and loss.shape == ()
-    torch.testing.assert_close(loss.detach().cpu().double(), want.detach(), **LOSS_TOL)
+    # token-sum is an unnormalised float32 sum of ~150 terms of size ~1: its rounding reaches
+    # a few 1e-6 (seen: 1.8e-6), where the normalised modes stay below 1e-6
+    loss_tol = dict(LOSS_TOL, atol=1e-5) if agg == "token-sum" else LOSS_TOL
+    torch.testing.assert_close(loss.detach().cpu().double(), want.detach(), **loss_tol)
     torch.testing.assert_close(logprob.grad.cpu().double(), lp64.grad, **LOSS_TOL)
     for name, value in want_metrics.items():
         assert metrics[name].dtype == torch.float32 and not metrics[name].requires_grad

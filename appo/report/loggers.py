@@ -83,3 +83,25 @@ def _wandb_id(path: str) -> str:
     import zlib
 
     return f"appo-{zlib.crc32(path.encode()):08x}"
+
+
+class NoLoggers:
+    """The loggers of every process but rank 0 under torchrun (`appo.distributed`): rank 0
+    writes the run's metrics, the others nothing."""
+
+    class _NoMetrics:
+        @staticmethod
+        def records() -> list[dict]:
+            return []
+
+        @staticmethod
+        def truncate_after(step: int) -> int:
+            return 0
+
+    metrics = _NoMetrics()
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -167,6 +167,12 @@ def _new_tokens(branches) -> int:
                for s in branches.samples)
 
 
+# step metrics that count (tokens, sequences, groups): under torchrun the step's value is the sum
+# over the ranks, not their mean
+RANK_SUMS = frozenset({"branches", "tokens_per_s", "tree_tokens", "unrolled_tokens",
+                       "zero_variance_groups", "branch_rescued_groups"})
+
+
 def learning_signal(step: int, train, adv_tok, init=None, branches=None) -> dict:
     """How many prompt groups of the trained sequences have equal rewards, how many groups whose
     initial rollouts are flat got differing rewards from their branches, and, when no trained

@@ -34,6 +34,9 @@ class EngineContext:
     seed: int = 0
     gpu_memory_utilization: float = 0.5
     device: Any = "cpu"
+    # the model is a copy that nothing trains (the rollout copy under torchrun): the engine may
+    # sample with it as it is instead of copying it
+    model_is_copy: bool = False
 
 
 def register_engine(name: str, factory: Optional[Callable] = None, *, replace: bool = False):
@@ -60,7 +63,8 @@ def _hf_engine(context: EngineContext):
     from .hf import HFEngine
 
     # the engine samples with its own copy: the training model runs tree attention
-    model = copy.deepcopy(context.model).eval().requires_grad_(False)
+    model = context.model if context.model_is_copy else copy.deepcopy(context.model)
+    model = model.eval().requires_grad_(False)
     return HFEngine(model, context.tokenizer, context.tools, protocol=context.protocol)
 
 

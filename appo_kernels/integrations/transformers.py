@@ -18,6 +18,8 @@ position in its own sequence. Models whose attention modules do not call
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional
 
 import torch
@@ -27,12 +29,16 @@ from appo_kernels._checks import check_values
 from appo_kernels.tree import TreeLayout, tree_attention, tree_token_stats  # noqa: F401
 
 ATTN_IMPLEMENTATION = "appo_tree"
+# tree attention on calls that pass the layout, sdpa on every other call (`enable_tree_or_sdpa`)
+TREE_OR_SDPA = "appo_tree_or_sdpa"
+_TREE_CALL = contextvars.ContextVar("appo_tree_call", default=False)
 LAYOUT_KWARG = "appo_tree"
 # attention variants of other model families that tree attention does not implement
 UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux")
 
-__all__ = ["ATTN_IMPLEMENTATION", "LAYOUT_KWARG", "enable_tree_attention", "register",
-           "tree_attention_forward", "tree_padding_mask", "tree_token_stats"]
+__all__ = ["ATTN_IMPLEMENTATION", "LAYOUT_KWARG", "TREE_OR_SDPA", "attention",
+           "enable_tree_attention", "enable_tree_or_sdpa", "register", "tree_attention_forward",
+           "tree_call", "tree_padding_mask", "tree_token_stats"]
 
 
 def tree_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -75,6 +81,11 @@ def tree_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
             and not torch.equal(position_ids.reshape(-1), layout.depth.to(position_ids))):
         raise ValueError("position_ids must be layout.depth[None] (each token's position in its "
                          "own sequence)")
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # as sdpa under autocast: q, k, v in its dtype (rotary
+        # embeddings can leave q and k in float32 next to a bfloat16 v)
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     # [1, H, N, D] -> [N, H, D]: a view (transformers keeps the projections' [N, H, D] memory)
     out = tree_attention(query[0].transpose(0, 1), key[0].transpose(0, 1),
                          value[0].transpose(0, 1), layout, scale=scaling)
@@ -100,6 +111,61 @@ def register() -> None:
     AttentionInterface.register(ATTN_IMPLEMENTATION, tree_attention_forward)
     # without a mask function transformers would silently drop a 2-D attention_mask
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, tree_padding_mask)
+    AttentionInterface.register(TREE_OR_SDPA, _tree_or_sdpa_attention)
+    AttentionMaskInterface.register(TREE_OR_SDPA, _tree_or_sdpa_mask)
+
+
+def _tree_or_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """Tree attention when the call carries the layout, else sdpa. Decided per call from the
+    call's own arguments, so that gradient checkpointing's recomputation (which replays them)
+    takes the same path as the forward."""
+    if kwargs.get(LAYOUT_KWARG) is not None:
+        return tree_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def _tree_or_sdpa_mask(*args, **kwargs):
+    """The tree's (no mask) inside `tree_call()`, else sdpa's."""
+    if _TREE_CALL.get():
+        return tree_padding_mask(*args, **kwargs)
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def tree_call():
+    """Mark the model calls inside as tree calls for `TREE_OR_SDPA` models (the mask function
+    runs before any layer sees the layout)."""
+    token = _TREE_CALL.set(True)
+    try:
+        yield
+    finally:
+        _TREE_CALL.reset(token)
+
+
+def enable_tree_or_sdpa(model) -> bool:
+    """Switch a model that runs sdpa to `TREE_OR_SDPA`, for good: calls with `appo_tree=layout`
+    (inside `tree_call()`) run tree attention, every other call sdpa as before. Unlike switching
+    to "appo_tree" for a call and back, this survives gradient checkpointing, whose recomputation
+    runs after the call has returned. Returns whether the model runs `TREE_OR_SDPA` (False for
+    other attention implementations, or a model that cannot switch)."""
+    name = model.config._attn_implementation
+    if name == TREE_OR_SDPA:
+        return True
+    if name != "sdpa":
+        return False
+    register()
+    try:
+        model.set_attn_implementation(TREE_OR_SDPA)
+    except (ValueError, NotImplementedError, AttributeError):
+        return False
+    if model.config._attn_implementation != TREE_OR_SDPA:
+        model.set_attn_implementation(name)
+        return False
+    return True
 
 
 def enable_tree_attention(model):
@@ -115,6 +181,21 @@ def enable_tree_attention(model):
         raise ValueError(f"{type(model).__name__} cannot switch its attention implementation "
                          f"(its attention does not use transformers' AttentionInterface)")
     return model
+
+
+@contextlib.contextmanager
+def attention(model, name: str):
+    """Run `model` with attention implementation `name`, restoring the previous one after."""
+    before = model.config._attn_implementation
+    if name == ATTN_IMPLEMENTATION:
+        register()
+    if before != name:
+        model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        if before != name:
+            model.set_attn_implementation(before)
 
 
 register()

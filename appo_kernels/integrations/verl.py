@@ -23,6 +23,13 @@ registries, and verl's log-prob and entropy helpers computed by `token_stats`
 - **Helpers**: `verl.utils.torch_functional.logprobs_from_logits`, `entropy_from_logits` and
   `entropy_from_logits_with_chunking` (and the modules that imported them by name) computed by
   `token_stats`: float32 statistics, exact entropy over the vocabulary, one pass.
+- **Fused kernels** (`actor_rollout_ref.model.use_fused_kernels=True`): verl's model forward
+  then takes log-probs and entropy from the last hidden states and the lm_head weight, through
+  `FusedLinearForPPO` (`fused_kernel_options.impl_backend` torch or liger) or the Triton
+  `linear_cross_entropy`; both become `linear_token_stats` (float32 log-probs and entropy, no
+  [tokens × V] logits). verl imports both inside its forward functions, so patching their
+  defining modules reaches every model; the Megatron modules that bind `linear_cross_entropy`
+  at import are patched where they import.
 """
 
 from __future__ import annotations
@@ -38,12 +45,18 @@ from appo_kernels.advantages import group_advantages, procedure_advantages
 from appo_kernels.losses import policy_loss
 from appo_kernels.scan import future_kl_scale
 from appo_kernels.token_stats import token_stats
+from appo_kernels.token_stats.linear import linear_token_stats
 
 NAME = "appo"
 # verl modules that bind the helpers by name at import time (patched where they import)
 HELPER_MODULES = ("verl.utils.torch_functional", "verl.workers.engine.fsdp.transformer_impl",
                   "verl.workers.engine.utils")
 HELPERS = ("logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking")
+# where verl defines (or binds at import) its fused linear log-prob/entropy kernels
+FUSED_MODULES = {"verl.utils.experimental.torch_functional": "FusedLinearForPPO",
+                 "verl.utils.kernel.linear_cross_entropy": "linear_cross_entropy",
+                 "verl.models.mcore.model_forward_fused": "linear_cross_entropy",
+                 "verl.models.mcore.model_forward_1f1b_overlap": "linear_cross_entropy"}
 
 
 def _core_algos():
@@ -202,11 +215,62 @@ def patch_helpers() -> list[str]:
     return patched
 
 
+class FusedLinearForPPO(torch.nn.Module):
+    """verl's `FusedLinearForPPO` module: (log_probs, entropy) of `input_ids` (already shifted)
+    under softmax(hidden_states @ vocab_weights.T / temperature), shaped like `input_ids`, both
+    float32. `chunk_size` and `impl_backend` are accepted for verl's constructor call and unused
+    (`linear_token_stats` picks its own tiles)."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+        self.chunk_size, self.impl_backend = chunk_size, impl_backend
+
+    def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
+                temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        stats = linear_token_stats(hidden_states, vocab_weights, input_ids.long(),
+                                   temperature=float(temperature))
+        return stats.logprob, stats.entropy
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
+                         temperature: float = 1.0, reduction: str = "none",
+                         dist_process_group=None) -> tuple[Tensor, Tensor]:
+    """verl's Triton `linear_cross_entropy`: flat (log_probs, entropy) of `labels`, float32.
+    Only what verl's model forwards call: `reduction="none"`, a vocabulary on one rank."""
+    if reduction != "none":
+        raise ValueError(f"linear_cross_entropy: reduction={reduction!r}; appo's replacement "
+                         f"returns per-token values only (reduction='none')")
+    if dist_process_group is not None:
+        raise NotImplementedError("linear_cross_entropy: a vocabulary split over a tensor-"
+                                  "parallel group is not supported by appo's replacement; "
+                                  "register(fused=False) keeps verl's kernel")
+    stats = linear_token_stats(hidden.reshape(-1, hidden.shape[-1]), weight,
+                               labels.reshape(-1).long(), temperature=float(temperature))
+    return stats.logprob, stats.entropy
+
+
+def patch_fused() -> list[str]:
+    """verl's fused linear log-prob/entropy kernels → `linear_token_stats`, in every module of
+    FUSED_MODULES that imports here; returns the `module.name`s patched."""
+    ours = {"FusedLinearForPPO": FusedLinearForPPO, "linear_cross_entropy": linear_cross_entropy}
+    patched = []
+    for module_name, name in FUSED_MODULES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:  # Megatron and other engines whose dependencies are missing here
+            continue
+        if hasattr(module, name):
+            setattr(module, name, ours[name])
+            patched.append(f"{module_name}.{name}")
+    return patched
+
+
 def register(name: str = NAME, *, future_kl: bool = True, seq_filter: bool = True,
-             helpers: bool = True, **future_kl_options) -> dict:
-    """Register the `appo` estimator and policy loss with verl (under `name`) and, with
-    `helpers`, patch its log-prob and entropy helpers. Call it in every process that builds
-    verl's workers (e.g. at the top of your entry script and in a Ray worker's setup)."""
+             helpers: bool = True, fused: bool = True, **future_kl_options) -> dict:
+    """Register the `appo` estimator and policy loss with verl (under `name`); with `helpers`,
+    patch its log-prob and entropy helpers, with `fused` its fused-kernel forward's kernels.
+    Call it in every process that builds verl's workers (e.g. at the top of your entry script
+    and in a Ray worker's setup)."""
     core = _core_algos()
     estimators, losses = core.ADV_ESTIMATOR_REGISTRY, core.POLICY_LOSS_REGISTRY
     if name not in estimators:
@@ -214,4 +278,5 @@ def register(name: str = NAME, *, future_kl: bool = True, seq_filter: bool = Tru
     core.register_policy_loss(name)(make_policy_loss(future_kl=future_kl, seq_filter=seq_filter,
                                                      **future_kl_options))
     return {"estimator": estimators[name], "policy_loss": losses[name],
-            "helpers": patch_helpers() if helpers else []}
+            "helpers": patch_helpers() if helpers else [],
+            "fused": patch_fused() if fused else []}
