@@ -88,7 +88,12 @@ def compare_main(parser, args) -> int:
 
     from appo.compare import compare
 
+    from appo.distributed import world_size
+
     try:
+        if world_size() > 1:
+            raise ValueError("appo compare runs its arms in one process (--jobs at a time): "
+                             "start it without torchrun")
         config = _load_config_file(args.config) if args.config else Config()
         apply_overrides(config, args.overrides)
         config.validate()

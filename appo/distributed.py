@@ -76,6 +76,9 @@ class Group(Solo):
     def __init__(self):
         import torch.distributed as dist
 
+        if "RANK" not in os.environ:
+            raise ValueError(f"{WORLD_ENV}={os.environ[WORLD_ENV]} but no RANK: start the "
+                             f"processes with torchrun")
         self.rank = int(os.environ["RANK"])
         self.world = int(os.environ[WORLD_ENV])
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
@@ -134,14 +137,18 @@ class Group(Solo):
             self._dist.destroy_process_group()
 
 
-def from_env() -> Solo:
-    """`Group` when started by torchrun with more than one process, else `Solo`."""
+def world_size() -> int:
+    """The number of processes of this launch (torchrun's WORLD_SIZE; 1 without it)."""
     world = os.environ.get(WORLD_ENV)
     try:
-        n = int(world) if world is not None else 1
+        return int(world) if world is not None else 1
     except ValueError:
         raise ValueError(f"{WORLD_ENV}={world!r} is not an integer") from None
-    return Group() if n > 1 else Solo()
+
+
+def from_env() -> Solo:
+    """`Group` when started by torchrun with more than one process, else `Solo`."""
+    return Group() if world_size() > 1 else Solo()
 
 
 # ----------------------------------------------------------------------------------------------

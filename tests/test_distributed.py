@@ -264,3 +264,13 @@ def test_one_process_is_solo(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
         distributed.from_env()
+
+
+def test_compare_refuses_torchrun(monkeypatch, capsys):
+    from appo.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", "--seeds", "0"])
+    assert stop.value.code == 2
+    assert "appo compare runs its arms in one process" in capsys.readouterr().err
