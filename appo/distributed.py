@@ -76,9 +76,9 @@ class Group(Solo):
     def __init__(self):
         import torch.distributed as dist
 
-        if "RANK" not in os.environ:
-            raise ValueError(f"{WORLD_ENV}={os.environ[WORLD_ENV]} but no RANK: start the "
-                             f"processes with torchrun")
+        if "RANK" not in os.environ or WORLD_ENV not in os.environ:
+            raise ValueError(f"{WORLD_ENV}={os.environ.get(WORLD_ENV)}, RANK="
+                             f"{os.environ.get('RANK')}: start the processes with torchrun")
         self.rank = int(os.environ["RANK"])
         self.world = int(os.environ[WORLD_ENV])
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
@@ -146,9 +146,14 @@ def world_size() -> int:
         raise ValueError(f"{WORLD_ENV}={world!r} is not an integer") from None
 
 
+FORCE_ENV = "APPO_FSDP"  # "1": the sharded path even with one process (under torchrun)
+
+
 def from_env() -> Solo:
-    """`Group` when started by torchrun with more than one process, else `Solo`."""
-    return Group() if world_size() > 1 else Solo()
+    """`Group` when started by torchrun with more than one process (or with APPO_FSDP=1, which
+    checks the sharded path on one GPU), else `Solo`."""
+    forced = os.environ.get(FORCE_ENV, "0") not in ("", "0")
+    return Group() if world_size() > 1 or forced else Solo()
 
 
 # ----------------------------------------------------------------------------------------------

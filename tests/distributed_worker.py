@@ -3,8 +3,11 @@ synthetic batch: run alone (one process) or under `torchrun --nproc_per_node N` 
 gloo), it writes the loss terms, the full gradients and the updated parameters to OUT (rank 0).
 tests/test_distributed.py compares the two.
 
-    python tests/distributed_worker.py OUT
+    python tests/distributed_worker.py OUT [DEVICE]
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py OUT
+    APPO_FSDP=1 torchrun --standalone --nproc_per_node 1 tests/distributed_worker.py OUT cuda
+
+DEVICE: cpu (default) or cuda; the model is float32 on either.
 
 The batch: 4 prompts with 2 responses each, some tokens tool results (mask 0); prompts 0 and 2
 are long and 1 and 3 short, so that with a small token budget rank 0 of 2 runs two micro-batches
@@ -28,12 +31,13 @@ PROMPTS = 4
 RESPONSE_LENGTHS = {0: (30, 26), 1: (5, 7), 2: (28, 24), 3: (6, 4)}  # per prompt
 
 
-def config(out: str) -> Config:
+def config(out: str, device: str = "cpu") -> Config:
     c = Config()
     apply_overrides(c, [
         "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
         "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=48", "actor_rollout_ref.rollout.n=2",
-        "actor_rollout_ref.model.warm_start_steps=0", "data.val_size=0", "trainer.device=cpu",
+        "actor_rollout_ref.model.warm_start_steps=0", "data.val_size=0", f"trainer.device={device}",
+        "actor_rollout_ref.model.dtype=float32",
         "trainer.progress=false", "trainer.test_freq=0", f"trainer.default_local_dir={out}",
         "actor_rollout_ref.actor.kl_loss_coef=0.1", "actor_rollout_ref.actor.entropy_coeff=0.01",
         "actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.actor.optim.lr_warmup_steps=0",
@@ -48,8 +52,8 @@ def sequence(index: int, length: int, vocab: int, generator: torch.Generator) ->
                   response_logprobs=[0.0] * length, prompt_index=index)
 
 
-def main(out: str) -> None:
-    trainer = Trainer(config(out + "/run"), log=lambda *a: None)
+def main(out: str, device: str = "cpu") -> None:
+    trainer = Trainer(config(out + "/run", device), log=lambda *a: None)
     dist = trainer.dist
     mine = list(range(dist.rank, PROMPTS, dist.world))  # this rank's prompts, as in a step
     prompts, samples, group, seeds = [], [], [], []
@@ -86,15 +90,16 @@ def main(out: str) -> None:
     pushed = max(float((copy[k] - v).abs().max()) for k, v in params.items())
     if dist.main:
         torch.save({"sums": sums, "grads": grads, "grad_norm": norm, "pushed": pushed,
-                    "params": {k: v.detach().clone() for k, v in params.items()},
+                    "sharded": dist.sharded,
+                    "params": {k: v.detach().cpu().clone() for k, v in params.items()},
                     "world": dist.world}, out + "/result.pt")
     dist.close()
 
 
 def _full(tensor):
     full = getattr(tensor, "full_tensor", None)
-    return (full() if full is not None else tensor).detach().clone()
+    return (full() if full is not None else tensor).detach().cpu().clone()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -80,6 +80,24 @@ def test_two_processes_give_the_one_process_gradient(env, tmp_path):
     assert b["pushed"] == 0  # the rollout copy holds the trained weights after the push
 
 
+def test_one_sharded_process_gives_the_same_gradient(env, tmp_path):
+    """APPO_FSDP=1 with one torchrun process: the sharded path (FSDP2 over one rank, the
+    rollout copy, the collectives) where only one device is at hand, as on a one-GPU machine."""
+    worker = str(REPO / "tests" / "distributed_worker.py")
+    one, forced = tmp_path / "one", tmp_path / "forced"
+    one.mkdir(), forced.mkdir()
+    assert run([sys.executable, worker, str(one)], env)[0] == 0
+    code, out, err = run(TORCHRUN + ["1", worker, str(forced)], dict(env, APPO_FSDP="1"))
+    assert code == 0, err[-3000:]
+    a = torch.load(one / "result.pt", weights_only=True)
+    b = torch.load(forced / "result.pt", weights_only=True)
+    assert (a["world"], b["world"], b["sharded"]) == (1, 1, True)
+    for name, g in a["grads"].items():
+        torch.testing.assert_close(b["grads"][name], g, rtol=0,
+                                   atol=1e-5 * float(g.abs().max()), msg=name)
+    assert b["pushed"] == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # the command line
 
@@ -141,7 +159,8 @@ def test_sigterm_to_torchrun_saves_the_step_every_rank_finished(env, tmp_path):
     assert done == list(range(done[-1] + 1)) and 1 <= done[-1] < 100
     assert f"interrupted: saved step {done[-1]}" in stdout, stderr[-3000:]
     assert (out / "checkpoints" / "latest").read_text() == f"step_{done[-1]:06d}"
-    assert "SIGTERM: finishing this step on every process, then saving" in stdout
+    # "... on every process" in the rollout phase, "... this step's update" in the update
+    assert "SIGTERM: finishing this step" in stdout
 
 
 def test_torchrun_rejects_an_uneven_batch(env, tmp_path):
@@ -263,6 +282,11 @@ def test_one_process_is_solo(monkeypatch):
     assert not distributed.from_env().sharded
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
+        distributed.from_env()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("APPO_FSDP", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="start the processes with torchrun"):
         distributed.from_env()
 
 
