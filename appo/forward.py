@@ -15,7 +15,7 @@ attention (the `--unrolled` check): same values, same gradients, more work.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -108,13 +108,14 @@ def _tree(model, seqs, prompt_lens, temperature, device, fused):
         inputs = dict(input_ids=token_ids[None], position_ids=layout.depth[None],
                       appo_tree=layout, use_cache=False)
         if head is None:
-            stats = tree_token_stats(model(**inputs).logits[0], layout, token_ids,
-                                     temperature=temperature, mask=scored)
+            logprob, entropy = _pair(tree_token_stats(model(**inputs).logits[0], layout,
+                                                      token_ids, temperature=temperature,
+                                                      mask=scored))
         else:  # never the [tokens × V] logits: statistics from the last hidden states
-            stats = _Pair(*fused_forward(model, inputs, lambda hidden, weight, bias: _pair(
+            logprob, entropy = fused_forward(model, inputs, lambda hidden, weight, bias: _pair(
                 tree_linear_token_stats(hidden[0], weight, bias, layout, token_ids,
-                                        temperature=temperature, mask=scored))))
-    return stats.logprob[index], stats.entropy[index], layout.n_tokens
+                                        temperature=temperature, mask=scored)))
+    return logprob[index], entropy[index], layout.n_tokens
 
 
 def _unrolled(model, seqs, prompt_lens, temperature, pad_id, device, fused):
@@ -133,19 +134,14 @@ def _unrolled(model, seqs, prompt_lens, temperature, pad_id, device, fused):
     with attention(model, FALLBACK_ATTENTION if name == ATTN_IMPLEMENTATION else name):
         inputs = dict(input_ids=ids, attention_mask=attention_mask, use_cache=False)
         if head is None:
-            stats = token_stats(model(**inputs).logits[:, :-1], ids[:, 1:],
-                                temperature=temperature, mask=scored)
+            logprob, entropy = _pair(token_stats(model(**inputs).logits[:, :-1], ids[:, 1:],
+                                                 temperature=temperature, mask=scored))
         else:
-            stats = _Pair(*fused_forward(model, inputs, lambda hidden, weight, bias: _pair(
+            logprob, entropy = fused_forward(model, inputs, lambda hidden, weight, bias: _pair(
                 linear_token_stats(hidden[:, :-1], weight, ids[:, 1:], bias=bias,
-                                   temperature=temperature, mask=scored))))
+                                   temperature=temperature, mask=scored)))
     # row-major boolean indexing keeps each row's response tokens in order, rows in order
-    return stats.logprob[scored], stats.entropy[scored], ids.numel()
-
-
-class _Pair(NamedTuple):
-    logprob: Tensor
-    entropy: Tensor
+    return logprob[scored], entropy[scored], ids.numel()
 
 
 def _pair(stats) -> tuple[Tensor, Tensor]:

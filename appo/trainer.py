@@ -369,9 +369,12 @@ class Trainer:
                 algo, log: UpdateLog) -> None:
         """One optimizer step per mini-batch of `plan`, each micro-batched by token budget."""
         actor = self.config.actor
+        seqs = [list(prompts[int(g)]) + s.response_ids
+                for s, g in zip(train.samples, train.group)]
         self.model.train()
         for mini in plan:
-            sums = self._accumulate(mini, train, prompts, adv_tok, old_logprob, ref_logprob, algo)
+            sums = self._accumulate(mini, train, prompts, seqs, adv_tok, old_logprob,
+                                    ref_logprob, algo)
             grad_norm = distributed.local_value(
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip))
             if math.isfinite(grad_norm):
@@ -381,15 +384,14 @@ class Trainer:
             log.add({**sums, "grad_norm": grad_norm})
         self.model.eval()
 
-    def _accumulate(self, mini, train: PackedRollouts, prompts, adv_tok, old_logprob,
+    def _accumulate(self, mini, train: PackedRollouts, prompts, seqs, adv_tok, old_logprob,
                     ref_logprob, algo) -> dict[str, float]:
         """The gradient of one mini-batch's loss (its prompt groups on every rank) in the
-        parameters' `.grad`, micro-batch by micro-batch; returns the loss terms, averaged over the
-        mini-batch as the loss is."""
+        parameters' `.grad`, micro-batch by micro-batch (`seqs`: each trained sequence's prompt
+        and response tokens); returns the loss terms, averaged over the mini-batch as the loss
+        is."""
         actor, dist = self.config.actor, self.dist
         per_token = actor.loss_agg_mode in ("token-mean", "dapo")
-        seqs = [list(prompts[int(g)]) + s.response_ids
-                for s, g in zip(train.samples, train.group)]
         mine = [i for g in mini for i in g]
         # the micro-batch losses, weighted to the mean over the whole mini-batch (all ranks)
         tokens, sequences = dist.sum([float(train.mask[token_index(train.cu_seqlens, mine)].sum()),

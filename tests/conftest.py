@@ -64,3 +64,15 @@ def pytest_runtest_makereport(item, call):
         seeds = [v for k, v in item.user_properties if k == "seed"]
         if seeds:
             report.sections.append(("seed", f"replay with APPO_TEST_SEED={seeds[0]}"))
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    """A private model cache (APPO_CACHE) with the embedded model built once for the module."""
+    from appo import models
+
+    path = tmp_path_factory.mktemp("appo-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APPO_CACHE", str(path))
+        models.default_model_dir()
+    return path

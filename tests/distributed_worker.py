@@ -77,7 +77,8 @@ def main(out: str, device: str = "cpu") -> None:
     adv_tok = torch.cat(adv)
 
     trainer.model.train()
-    sums = trainer._accumulate(by_group(train.group), train, prompts, adv_tok, old, ref,
+    seqs = [prompts[g] + s.response_ids for s, g in zip(samples, group)]
+    sums = trainer._accumulate(by_group(train.group), train, prompts, seqs, adv_tok, old, ref,
                                trainer.algorithm)
     grads = {name: _full(p.grad) for name, p in trainer.model.named_parameters()}
     norm = distributed.local_value(torch.nn.utils.clip_grad_norm_(trainer.model.parameters(),

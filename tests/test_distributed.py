@@ -29,13 +29,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(model_cache):
     """The environment of the child processes: a private model cache, built once."""
-    cache = tmp_path_factory.mktemp("appo-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("APPO_CACHE", str(cache))
-        models.default_model_dir()
-    env = dict(os.environ, APPO_CACHE=str(cache), OMP_NUM_THREADS="1",
+    env = dict(os.environ, APPO_CACHE=str(model_cache), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.pop("WORLD_SIZE", None)
     return env

@@ -24,20 +24,10 @@ from appo.trainer import Trainer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private model cache: the embedded model is built once for the module."""
-    path = tmp_path_factory.mktemp("appo-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("APPO_CACHE", str(path))
-        models.default_model_dir()
-    return path
-
-
 @pytest.fixture
-def env(cache, monkeypatch):
-    monkeypatch.setenv("APPO_CACHE", str(cache))
-    return cache
+def env(model_cache, monkeypatch):
+    monkeypatch.setenv("APPO_CACHE", str(model_cache))
+    return model_cache
 
 
 def tiny(out, *overrides, algo="appo"):

@@ -206,9 +206,9 @@ def _tree_scored(model, ids, start, length, labels, temperature, in_fp32, want_e
     label_mask = targets != -100
     # the scored (row, column) pairs and the tree rows that predict them
     b_idx, t_idx = label_mask.nonzero(as_tuple=True)
-    offsets = (t_idx + 1 - start[b_idx]).tolist()  # the target's index within its sequence
-    tree_rows = torch.tensor([int(paths[b][j]) for b, j in zip(b_idx.tolist(), offsets)],
-                             dtype=torch.long, device=device)
+    # the target's index within its sequence, into the rows' paths laid end to end
+    firsts = torch.nn.functional.pad(length.cumsum(0), (1, 0))[:-1]
+    tree_rows = torch.cat(paths).to(device)[firsts[b_idx] + t_idx + 1 - start[b_idx]]
     scored = torch.zeros(layout.n_tokens, dtype=torch.bool, device=device)
     scored[tree_rows] = True
     with tree_call():
